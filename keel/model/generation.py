@@ -1,0 +1,131 @@
+"""Batched generation with a KV cache: greedy, temperature, top-k, top-p, per-token logprobs.
+
+Prompts of different lengths are left-padded; padding is masked out of attention and each
+sequence's RoPE positions count only its real tokens, so a batched result equals running each
+prompt alone. Returned logprobs are the model's own log-softmax (temperature 1, no top-p) of the
+chosen tokens, which is what an RL trainer recomputes and compares against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from keel.model.attention import AttentionMask
+
+
+class LayerCache:
+    def __init__(self, cache: "KVCache", index: int):
+        self.cache, self.index = cache, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        c = self.cache
+        end = c.length + k.shape[2]
+        c.k[self.index][:, :, c.length:end] = k
+        c.v[self.index][:, :, c.length:end] = v
+        return c.k[self.index][:, :, :end], c.v[self.index][:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, plus which slots hold real tokens."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int):
+        cfg = model.config
+        param = model.tok_embeddings.weight
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, param.dtype, param.device)
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+    def append_valid(self, valid: torch.Tensor) -> None:
+        """Mark which of the next valid.shape[1] slots hold real tokens (before the forward)."""
+        self.valid[:, self.length:self.length + valid.shape[1]] = valid
+
+    def positions_and_mask(self, seq: int):
+        end = self.length + seq
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        valid = self.valid[:, :end]
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, self.length:end]
+        return positions, AttentionMask(causal=True, q_offset=self.length, key_valid=valid)
+
+    def advance(self, seq: int) -> None:
+        self.length += seq
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated tokens per prompt (stop token included when hit)
+    logprobs: list[list[float]]  # log p(token) under the model, one per generated token
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick one token per row of logits [B, V]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: tuple = (), seed: Optional[int] = None
+             ) -> GenerationOutput:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.tok_embeddings.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, longest - len(p):] = True
+    cache = KVCache.for_model(model, batch, longest + max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+
+    cache.append_valid(valid)
+    logits = model(ids, cache=cache)[:, -1].float()
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        logprobs.append(logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        cache.append_valid(torch.ones(batch, 1, dtype=torch.bool, device=device))
+        logits = model(nxt[:, None], cache=cache)[:, -1].float()
+    out_tokens, out_logprobs = [], []
+    tok = torch.stack(tokens, 1).tolist()
+    lp = torch.stack(logprobs, 1).tolist()
+    for row_t, row_l in zip(tok, lp):
+        cut = next((j + 1 for j, t in enumerate(row_t) if t in stop_ids), len(row_t))
+        out_tokens.append(row_t[:cut])
+        out_logprobs.append(row_l[:cut])
+    return GenerationOutput(out_tokens, out_logprobs)

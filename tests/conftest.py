@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests use the real corpora and SmolLM2 fetched by scripts/setup.sh."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_SILENT", "true")
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "recipes" / "lm" / "tiny.yaml"
+
+
+def small_run_overrides(out_dir: Path, **extra) -> list[str]:
+    """A model small enough for multi-process tests on 2 cores, on the real tiny recipe's data."""
+    settings = {
+        "run.out_dir": str(out_dir), "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4,
+        "model.n_kv_heads": 2, "model.ffn_dim": 128, "data.seq_len": 64, "train.micro_batch": 2,
+        "train.global_batch": 8, "train.steps": 6, "train.eval_every": 0, "train.eval_batches": 2,
+        "train.sample_tokens": 0, "optim.warmup_steps": 2, "checkpoint.every": 0,
+        "logging.wandb": "disabled", "logging.progress": False,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_keel(args: list[str], nproc: int = 1, env: dict | None = None, check: bool = True,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `keel ...` in a fresh process (or under torchrun with nproc ranks)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "keel", *args]
+    else:
+        cmd = [sys.executable, "-m", "keel", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe() -> Path:
+    return TINY_RECIPE
