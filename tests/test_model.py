@@ -143,3 +143,20 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
 def test_num_params_counts_every_parameter(extra):
     model = tiny_model(**extra)
     assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_chunked_loss_keeps_only_one_chunk_of_logits_for_backward():
+    """Saved activations grow with the chunk size, not with the number of tokens."""
+    hidden = torch.randn(4096, 32, requires_grad=True)
+    weight = torch.randn(5000, 32, requires_grad=True)
+    labels = torch.randint(0, 5000, (4096,))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_cross_entropy(hidden, weight, labels, chunk=256)
+    one_chunk_of_logits = 256 * 5000 * 4
+    assert sum(saved.values()) < one_chunk_of_logits  # 16 chunks of logits would be 16x that

@@ -1,8 +1,8 @@
 """Next-token loss that never holds the full [tokens x vocab] logits.
 
-The LM head and cross-entropy run chunk by chunk; each chunk is checkpointed, so its logits are
-freed after the forward and recomputed in the backward. Peak logits memory is one chunk's worth,
-which lets 150k-entry vocabularies train at long sequence lengths.
+The LM head and cross-entropy run chunk by chunk; when there is more than one chunk, each is
+checkpointed, so its logits are freed after the forward and recomputed in the backward. Peak
+logits memory is one chunk's worth, which lets 150k-entry vocabularies train at long sequences.
 """
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           chunk: int) -> torch.Tensor:
     """Sum of cross-entropy over rows of hidden [N, D] against labels [N] (-100 ignored)."""
     total = hidden.new_zeros((), dtype=torch.float32)
+    # One chunk's logits are the peak either way; recomputing pays off only when there are several.
+    recompute = hidden.requires_grad and hidden.shape[0] > chunk
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
-        if hidden.requires_grad:
+        if recompute:
             total = total + checkpoint(_chunk_loss, h, weight, y, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, weight, y)

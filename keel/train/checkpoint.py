@@ -114,7 +114,7 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         _barrier()
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -145,7 +145,7 @@ class Checkpointer:
         """Load model + optimizer + this rank's RNG from a committed checkpoint; return trainer.json."""
         path = resolve_checkpoint(path)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         rng_file = path / "rng" / f"rank_{_rank()}.pt"
@@ -159,7 +159,7 @@ def load_model_weights(path, model) -> None:
     path = resolve_checkpoint(path)
     state = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP raises bare errors on key or shape mismatch
         raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0][:200]})") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

@@ -9,6 +9,7 @@ import json
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +98,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(project=cfg.logging.project, name=cfg.run.name, id=run_id, resume="allow",
