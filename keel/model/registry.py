@@ -13,6 +13,26 @@ from keel.errors import ConfigError
 from keel.model.backbone import Transformer, TransformerConfig
 
 
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """Megatron's split of a block, as module paths inside each block. Pure data: keel/train/
+    parallel.py turns it into DTensor styles, and the model code never sees it."""
+    colwise: tuple = ()  # output features split over tp ranks (q/k/v, gate/up)
+    rowwise: tuple = ()  # input features split, outputs summed (o, down)
+    sequence_norms: tuple = ()  # run on sequence shards under sequence parallelism
+    head_norms: tuple = ()  # norms over head_dim applied to this rank's heads (QK-norm)
+    gathered_inputs: tuple = ()  # (submodule, number of positional args): first arg gathered
+
+
+TRANSFORMER_TP_PLAN = TensorParallelPlan(
+    colwise=("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"),
+    rowwise=("attention.wo", "feed_forward.w2"),
+    sequence_norms=("attention_norm", "ffn_norm"),
+    head_norms=("attention.q_norm", "attention.k_norm"),
+    gathered_inputs=(("attention", 5), ("feed_forward", 1)),
+)
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -20,6 +40,7 @@ class ModelSpec:
     build: Callable  # config -> nn.Module (call under torch.device("meta") for large models)
     hf_architectures: tuple = ()  # transformers architectures this family imports / exports
     description: str = ""
+    tp_plan: TensorParallelPlan = TRANSFORMER_TP_PLAN  # applied to every module in model.layers
 
 
 MODELS: dict[str, ModelSpec] = {}

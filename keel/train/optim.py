@@ -27,18 +27,40 @@ def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases and embeddings (1-D tensors and the embedding table)."""
-    decay, no_decay = [], []
+    """No weight decay on norms, biases and embeddings (1-D tensors and the embedding table).
+
+    Under tensor parallelism some parameters are DTensors and others (replicated embeddings and
+    head) plain tensors; foreach kernels refuse the mix, so each kind gets its own group.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[tuple, list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "tok_embeddings" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = param.ndim >= 2 and "tok_embeddings" not in name
+        groups.setdefault((decay, isinstance(param, DTensor)), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+
+
+def _adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+
+
+def _muon(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    from keel.train.muon import Muon, muon_param_groups
+
+    return Muon(muon_param_groups(model, cfg))
+
+
+# optim.name -> (model, cfg) -> one torch.optim.Optimizer (the scheduler scales all its groups).
+OPTIMIZERS = {"adamw": _adamw, "muon": _muon}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    optimizer = OPTIMIZERS[cfg.name](model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
     return optimizer, scheduler
@@ -48,26 +70,30 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients, sharded (DTensor) or not; grads are scaled down to max_norm.
 
-    Sums squares shard by shard in fp32 and all-reduces once, so the norm matches one process's to
-    fp32 rounding (torch's clip_grad_norm_ on FSDP2 DTensors drifted by ~1e-5 relative here).
+    Squares are summed per shard in fp32 and all-reduced only over the mesh dims a gradient is
+    sharded on (a TP-replicated, FSDP-sharded norm weight is reduced over dp, not over tp), so the
+    norm equals one process's to fp32 rounding. (torch's clip_grad_norm_ on FSDP2 DTensors
+    drifted by ~1e-5 relative here.)
     """
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float32)
-    replicated = torch.zeros((), dtype=torch.float32)
-    mesh = None
+    partial_sums: dict = {}  # (mesh, sharded mesh dims) -> sum of squares of the local shards
     for g in grads:
-        if isinstance(g, DTensor) and any(pl.is_shard() for pl in g.placements):
-            mesh = g.device_mesh
-            sharded = sharded.to(g.device) + g.to_local().float().pow(2).sum()
+        if isinstance(g, DTensor):
+            # Any placement that is neither replicated nor partial splits the tensor (FSDP over TP
+            # uses _StridedShard, whose is_shard() is False).
+            dims = tuple(i for i, pl in enumerate(g.placements) if not (pl.is_replicate() or pl.is_partial()))
+            key, local = (g.device_mesh, dims), g.to_local()
         else:
-            local = g.to_local() if isinstance(g, DTensor) else g
-            replicated = replicated.to(local.device) + local.float().pow(2).sum()
-    if mesh is not None:
-        for dim in range(mesh.ndim):  # every shard dim of the mesh holds a disjoint piece
-            torch.distributed.all_reduce(sharded, group=mesh.get_group(dim))
-    total = (sharded.to(replicated.device) + replicated).sqrt()
+            key, local = (None, ()), g
+        partial_sums[key] = partial_sums.get(key, 0.0) + local.float().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for (mesh, dims), value in partial_sums.items():  # same order on every rank: parameter order
+        for dim in dims:
+            torch.distributed.all_reduce(value, group=mesh.get_group(dim))
+        total = total + value.to(total.device)
+    total = total.sqrt()
     if max_norm != float("inf"):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:

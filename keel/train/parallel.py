@@ -1,8 +1,9 @@
-"""The device mesh and the parallelisms applied to a single-device model, in a fixed order.
+"""The device mesh and the parallelisms applied to a single-device model, in a fixed order:
+TP/SP -> (CP) -> activation checkpointing -> per-block torch.compile -> FSDP2 / DDP.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
-This issue applies data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both).
-TP/SP, CP and PP slot in before FSDP here without touching model files.
+Data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both). Tensor parallelism
+follows the model family's TensorParallelPlan. Model files never import any of this.
 """
 from __future__ import annotations
 
@@ -63,6 +64,104 @@ def dp_rank_and_size(mesh: DeviceMesh | None, dims: ParallelDims) -> tuple[int, 
     dp_mesh = mesh["dp_replicate", "dp_shard"]
     coord = dp_mesh.get_coordinate()
     return coord[0] * dims.dp_shard + coord[1], dims.dp
+
+
+def dp_all_reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Sum over the data-parallel ranks only: tp ranks hold copies of the same numbers."""
+    if mesh is not None:
+        for dim in ("dp_replicate", "dp_shard"):
+            if mesh[dim].size() > 1:
+                torch.distributed.all_reduce(tensor, group=mesh[dim].get_group())
+    return tensor
+
+
+def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, sequence_parallel: bool) -> None:
+    """Megatron TP on every block, with the residual stream on sequence shards under SP.
+
+    Embeddings, the final norm and the LM head stay replicated over tp (every tp rank computes
+    them alike), so tied embeddings and the chunked loss need nothing special. Under SP the first
+    block's input is split along the sequence and the last block's output gathered again.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    stream = Shard(1) if sequence_parallel else Replicate()
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        styles = {name: ColwiseParallel() for name in plan.colwise}
+        styles.update({name: RowwiseParallel(output_layouts=stream) for name in plan.rowwise})
+        # A per-head norm's weight is shared by all heads: treat its input as split over heads
+        # (dim 2) so its gradient is summed over tp ranks.
+        styles.update({name: SequenceParallel(sequence_dim=2, use_local_output=True)
+                       for name in plan.head_norms if _has_submodule(block, name)})
+        if sequence_parallel:
+            styles.update({name: SequenceParallel() for name in plan.sequence_norms})
+            for name, n_args in plan.gathered_inputs:
+                styles[name] = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
+                                                  desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1))
+        parallelize_module(block, tp_mesh, styles)
+        if sequence_parallel and i == 0:
+            parallelize_module(block, tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(),) + (None,) * 4, desired_input_layouts=(Shard(1),) + (None,) * 4,
+                use_local_output=True))
+        if sequence_parallel and i == len(blocks) - 1:
+            parallelize_module(block, tp_mesh, PrepareModuleOutput(
+                output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+def _has_submodule(module: torch.nn.Module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """full: recompute each block in the backward. selective: keep the outputs of matmuls and
+    attention (the expensive ops) and recompute the cheap elementwise ones."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    context_fn = None
+    if mode == "selective":
+        from functools import partial
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                torch.ops.aten._scaled_dot_product_flash_attention.default}
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+        context_fn = partial(create_selective_checkpoint_contexts, policy)
+    for name, block in list(model.layers.items()):
+        kwargs = {"context_fn": context_fn} if context_fn else {}
+        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """Compile block by block: blocks are identical, so one compiled graph serves them all."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg: ParallelConfig,
+                tp_plan, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Apply every parallelism and wrapper in keel's fixed order. The model holds its weights."""
+    if dims.tp > 1 and dims.dp_replicate > 1 and dims.dp_shard == 1:
+        raise ConfigError("parallel.dp_replicate: DDP does not take tensor-parallel weights; with "
+                          "parallel.tp use parallel.dp_shard (FSDP2), or both for HSDP")
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], tp_plan, cfg.sequence_parallel)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint)
+    if cfg.compile:
+        apply_compile(model)
+    return apply_data_parallel(model, mesh, dims, param_dtype)
 
 
 def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims,

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from keel.config import Config, save_resolved
 from keel.errors import ConfigError
-from keel.model.registry import build_model
+from keel.model.registry import build_model, get_model_spec
 from keel.train import parallel
 from keel.train.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
 from keel.train.launch import DistInfo, init_distributed
@@ -29,12 +29,6 @@ from keel.train.optim import build_optimizer, clip_grad_norm
 
 # Fault injection for tests of crash safety: SIGKILL this process midway through that step.
 KILL_AT_STEP_ENV = "KEEL_FAULT_KILL_AT_STEP"
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
 
 
 class Trainer:
@@ -88,8 +82,8 @@ class Trainer:
         else:
             model.init_weights()
         bf16 = cfg.precision.dtype == "bf16"
-        model = parallel.apply_data_parallel(model, self.mesh, self.dims,
-                                             torch.bfloat16 if bf16 and fsdp else None)
+        model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, get_model_spec(cfg.model.name).tp_plan,
+                                     torch.bfloat16 if bf16 and fsdp else None)
         if fsdp and self.dist.device.type != "cpu":
             model.to(self.dist.device)
         self.autocast = bf16 and not fsdp  # FSDP casts through its mixed-precision policy instead
@@ -125,6 +119,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
 
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return parallel.dp_all_reduce_sum(value, self.mesh)
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
@@ -135,7 +132,7 @@ class Trainer:
         # both over every rank: the fingerprint shows at a glance that a resumed run saw the same data.
         local = torch.tensor([sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
                               sum(int(mb["input_ids"].sum()) for mb in micro_batches)], dtype=torch.int64)
-        global_tokens, fingerprint = _all_reduce_sum(local.to(self.dist.device)).tolist()
+        global_tokens, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
         scale = self.dp_size / max(global_tokens, 1)  # DDP/FSDP average over dp ranks; undo that
         loss_sum = torch.zeros((), device=self.dist.device)
         for i, mb in enumerate(micro_batches):
@@ -154,7 +151,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = _all_reduce_sum(loss_sum).item() / max(global_tokens, 1)
+        loss = self._dp_sum(loss_sum).item() / max(global_tokens, 1)
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
                 "data_fingerprint": fingerprint}
 
@@ -169,7 +166,7 @@ class Trainer:
                 totals[0] += self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
                                         doc_ids=mb["doc_ids"]).float()
             totals[1] += (mb["labels"] != -100).sum()
-        loss_sum, tokens = _all_reduce_sum(totals).tolist()
+        loss_sum, tokens = self._dp_sum(totals).tolist()
         loss = loss_sum / max(tokens, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
