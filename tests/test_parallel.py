@@ -15,6 +15,7 @@ LAYOUTS = {
     "hsdp_2x2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2}),
     "ac_full": (1, {"parallel.activation_checkpoint": "full"}),
     "ac_selective": (1, {"parallel.activation_checkpoint": "selective"}),
+    "compile": (1, {"parallel.compile": "true"}),  # ~30 s of cold compile on CPU
 }
 COMMON = {"model.qk_norm": "true", "train.steps": 5}
 LOSS_RTOL = 1e-5  # fp32: only the order of floating-point sums differs between layouts

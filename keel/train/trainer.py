@@ -8,10 +8,7 @@ micro-batches, which is what lets a checkpoint resume on another world size with
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,14 +18,11 @@ import torch.distributed as dist
 from keel.config import Config, save_resolved
 from keel.errors import ConfigError
 from keel.model.registry import build_model, get_model_spec
-from keel.train import parallel
+from keel.train import faults, parallel, precision
 from keel.train.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
 from keel.train.launch import DistInfo, init_distributed
 from keel.train.metrics import MetricsLogger, ProgressLine, device_peak_flops, peak_memory_gib
 from keel.train.optim import build_optimizer, clip_grad_norm
-
-# Fault injection for tests of crash safety: SIGKILL this process midway through that step.
-KILL_AT_STEP_ENV = "KEEL_FAULT_KILL_AT_STEP"
 
 
 class Trainer:
@@ -82,6 +76,7 @@ class Trainer:
         else:
             model.init_weights()
         bf16 = cfg.precision.dtype == "bf16"
+        precision.apply_fp8(model, cfg.precision, fsdp)
         model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, get_model_spec(cfg.model.name).tp_plan,
                                      torch.bfloat16 if bf16 and fsdp else None)
         if fsdp and self.dist.device.type != "cpu":
@@ -115,9 +110,7 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def _autocast(self):
-        if not self.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return precision.forward_context(self.cfg.precision, self.dist.device, self.autocast)
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         return parallel.dp_all_reduce_sum(value, self.mesh)
@@ -141,19 +134,21 @@ class Trainer:
             with self._autocast():
                 loss = self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
                                   doc_ids=mb["doc_ids"])
+            loss = faults.inject_nan(loss, self.step + 1)  # fault injection (tests): KEEL_FAULT_NAN_AT_STEP
             (loss * scale).backward()
             loss_sum += loss.detach().float()
-            if os.environ.get(KILL_AT_STEP_ENV) == str(self.step + 1):
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.inject_kill(self.step + 1, self.dist.rank)  # fault injection (tests): KEEL_FAULT_KILL_*
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         loss = self._dp_sum(loss_sum).item() / max(global_tokens, 1)
+        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))  # the same on every rank
+        if finite:  # a NaN/Inf step never reaches the weights; train.nonfinite decides what follows
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
-                "data_fingerprint": fingerprint}
+                "data_fingerprint": fingerprint, "finite": finite}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -180,6 +175,7 @@ class Trainer:
         cfg = self.cfg
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and self.dist.is_main)
         summary = {}
+        guard = faults.StepGuard(self)  # preemption signals and the non-finite policy
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             out = self.train_step()
@@ -191,17 +187,19 @@ class Trainer:
                    "data_fingerprint": out["data_fingerprint"]}
             if self.peak_flops:
                 row["mfu"] = self.flops_per_token * tps / (self.peak_flops * self.dist.world_size)
+            if not out["finite"] and guard.on_nonfinite(row):  # skip: go on | rollback: replay | stop: raise
+                continue
             last = self.step == cfg.train.steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
                 row.update(self.evaluate())
             if self.step % cfg.train.log_every == 0 or last:
                 self.metrics.log(self.step, row)
             progress.update(self.step, out["loss"], out["lr"], tps)
-            if not math.isfinite(out["loss"]):
-                progress.message(f"keel: warning: loss is {out['loss']} at step {self.step}")
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
             summary = row
+            if guard.preempted():  # SIGUSR1/SIGTERM on any rank: stop here, on a checkpoint
+                break
         progress.close()
         if not summary:  # resumed at the last step: nothing left to train, evaluate what is there
             summary = {"loss": float("nan"), **self.evaluate()}
@@ -211,4 +209,4 @@ class Trainer:
         summary["checkpoint"] = str(latest)
         summary["wandb_dir"] = self.metrics.wandb_dir
         self.metrics.close()
-        return summary
+        return guard.finish(summary)  # a preempted run: summary["preempted"], requeue marker
