@@ -58,11 +58,14 @@ class TrainConfig:
     log_every: int = 1
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 48
+    # A NaN/Inf loss or gradient never updates the weights; then: skip the step, roll back to the
+    # last committed checkpoint and replay, or stop with an error (keel/train/faults.py).
+    nonfinite: Literal["skip", "rollback", "stop"] = "stop"
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden matrices, AdamW on the rest
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -71,6 +74,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    muon_lr: Optional[float] = None  # muon: lr of the Muon groups; None: optim.lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: Optional[float] = None  # None: optim.weight_decay
+    ns_steps: int = 5  # Newton-Schulz iterations
 
 
 @dataclass
@@ -79,13 +86,18 @@ class ParallelConfig:
     dp_replicate: int = 1  # DDP replicas (HSDP together with dp_shard)
     dp_shard: int = -1  # FSDP2 shards; -1: every rank the other dims leave
     cp: int = 1
-    tp: int = 1
+    tp: int = 1  # Megatron-style tensor parallelism (DTensor), inside each data-parallel rank
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    compile: bool = False  # torch.compile each block
 
 
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute, fp32 master weights
-    fp8: Literal["off"] = "off"
+    fp8: Literal["off", "torchao", "te"] = "off"  # FP8 linears in the blocks (keel/train/precision.py)
+    # torchao: tensorwise | rowwise; te: delayed | current. None: tensorwise / delayed.
+    fp8_recipe: Optional[Literal["tensorwise", "rowwise", "delayed", "current"]] = None
 
 
 @dataclass
@@ -307,9 +319,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].path: required")
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {source.weight}")
-    if cfg.parallel.pp > 1 or cfg.parallel.cp > 1 or cfg.parallel.tp > 1:
-        raise ConfigError("parallel.tp/pp/cp: tensor, pipeline and context parallelism are not "
-                          "available yet; use parallel.dp_shard / parallel.dp_replicate")
+    for key in ("pp", "cp"):
+        if getattr(cfg.parallel, key) > 1:
+            raise ConfigError(f"parallel.{key}: pipeline and context parallelism are not available yet; "
+                              f"use parallel.tp, parallel.dp_shard and parallel.dp_replicate")
+    for key in ("n_heads", "n_kv_heads"):
+        heads = getattr(cfg.model, key, None)
+        if heads is not None and heads % cfg.parallel.tp:
+            raise ConfigError(f"parallel.tp: {cfg.parallel.tp} does not divide model.{key} {heads}")
+    if cfg.precision.fp8 != "off":
+        from keel.train.precision import fp8_recipe
+        fp8_recipe(cfg.precision)
+    elif cfg.precision.fp8_recipe is not None:
+        raise ConfigError("precision.fp8_recipe: set precision.fp8 (torchao or te) to use an FP8 recipe")
     cfg.model.validate()
 
 
