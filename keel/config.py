@@ -90,6 +90,12 @@ class ParallelConfig:
     sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     compile: bool = False  # torch.compile each block
+    # The training engine: keel's own (DDP / FSDP2 / TP) or DeepSpeed ZeRO (keel/train/deepspeed.py).
+    engine: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 1  # deepspeed: ZeRO stage 1 | 2 | 3
+    offload_optimizer: bool = False  # deepspeed: optimizer states (and step) on the CPU
+    offload_params: bool = False  # deepspeed, zero_stage 3 only: parameters on the CPU
+    ds_config: Optional[Any] = None  # deepspeed: a JSON file path or a mapping, merged over the generated config
 
 
 @dataclass
@@ -299,6 +305,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: expected 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard: must be a positive integer or -1, got {cfg.parallel.dp_shard}")
     if cfg.train.global_batch % cfg.train.micro_batch:
@@ -319,10 +327,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].path: required")
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {source.weight}")
-    for key in ("pp", "cp"):
-        if getattr(cfg.parallel, key) > 1:
-            raise ConfigError(f"parallel.{key}: pipeline and context parallelism are not available yet; "
-                              f"use parallel.tp, parallel.dp_shard and parallel.dp_replicate")
+    if cfg.parallel.pp > 1:
+        raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use parallel.tp, "
+                          "parallel.cp, parallel.dp_shard and parallel.dp_replicate")
+    if cfg.data.seq_len % (2 * cfg.parallel.cp):
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be divisible by 2 * parallel.cp "
+                          f"= {2 * cfg.parallel.cp} (each cp rank holds two balanced chunks)")
     for key in ("n_heads", "n_kv_heads"):
         heads = getattr(cfg.model, key, None)
         if heads is not None and heads % cfg.parallel.tp:

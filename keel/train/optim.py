@@ -29,24 +29,29 @@ def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms, biases and embeddings (1-D tensors and the embedding table).
 
-    Under tensor parallelism some parameters are DTensors and others (replicated embeddings and
-    head) plain tensors; foreach kernels refuse the mix, so each kind gets its own group.
+    Always the same two groups, whatever the parallel layout, so optimizer and scheduler state
+    resume in any other layout.
     """
-    from torch.distributed.tensor import DTensor
-
-    groups: dict[tuple, list] = {}
+    decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim >= 2 and "tok_embeddings" not in name
-        groups.setdefault((decay, isinstance(param, DTensor)), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
-            for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+        (no_decay if param.ndim < 2 or "tok_embeddings" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def mixes_dtensors(model: torch.nn.Module) -> bool:
+    """True under TP without FSDP: sharded DTensor weights beside plain replicated ones, a mix
+    that foreach kernels refuse."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    return len(kinds) > 1
 
 
 def _adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, foreach=not mixes_dtensors(model))
 
 
 def _muon(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -1,5 +1,5 @@
 """The device mesh and the parallelisms applied to a single-device model, in a fixed order:
-TP/SP -> (CP) -> activation checkpointing -> per-block torch.compile -> FSDP2 / DDP.
+TP/SP -> CP -> activation checkpointing -> per-block torch.compile -> FSDP2 / DDP.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
 Data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both). Tensor parallelism
@@ -66,10 +66,10 @@ def dp_rank_and_size(mesh: DeviceMesh | None, dims: ParallelDims) -> tuple[int, 
     return coord[0] * dims.dp_shard + coord[1], dims.dp
 
 
-def dp_all_reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
-    """Sum over the data-parallel ranks only: tp ranks hold copies of the same numbers."""
+def data_all_reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Sum over the ranks that hold different tokens (dp and cp); tp ranks hold copies."""
     if mesh is not None:
-        for dim in ("dp_replicate", "dp_shard"):
+        for dim in ("dp_replicate", "dp_shard", "cp"):
             if mesh[dim].size() > 1:
                 torch.distributed.all_reduce(tensor, group=mesh[dim].get_group())
     return tensor
@@ -158,6 +158,9 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
                           "parallel.tp use parallel.dp_shard (FSDP2), or both for HSDP")
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], tp_plan, cfg.sequence_parallel)
+    if dims.cp > 1:
+        from keel.train.context_parallel import apply_context_parallel
+        apply_context_parallel(model, mesh["cp"], model.config.attention)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
@@ -172,10 +175,16 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
     """
     if mesh is None:
         return model
-    if dims.dp_shard > 1:
+    if uses_fsdp(dims):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        # cp ranks hold different tokens of the same sequences: their gradients are summed and
+        # their weights sharded together with dp_shard (TorchTitan's dp_shard_cp).
+        shard_dim = "dp_shard"
+        if dims.cp > 1:
+            mesh["dp_shard", "cp"]._flatten(mesh_dim_name="dp_shard_cp")
+            shard_dim = "dp_shard_cp"
+        dp_mesh = mesh["dp_replicate", shard_dim] if dims.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.layers.values():
             fully_shard(block, mesh=dp_mesh, mp_policy=mp)
@@ -188,4 +197,4 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
 
 
 def uses_fsdp(dims: ParallelDims) -> bool:
-    return dims.dp_shard > 1
+    return dims.dp_shard * dims.cp > 1

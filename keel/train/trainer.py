@@ -32,6 +32,7 @@ class Trainer:
         self.dims = parallel.resolve_parallel_dims(cfg.parallel, self.dist.world_size)
         self.mesh = parallel.build_mesh(self.dims, self.dist.device.type)
         self.dp_rank, self.dp_size = parallel.dp_rank_and_size(self.mesh, self.dims)
+        self.cp_rank = self.mesh["cp"].get_local_rank() if self.dims.cp > 1 else 0
         micro_total = cfg.train.micro_batch * self.dp_size
         if cfg.train.global_batch % micro_total:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
@@ -113,20 +114,27 @@ class Trainer:
         return precision.forward_context(self.cfg.precision, self.dist.device, self.autocast)
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return parallel.dp_all_reduce_sum(value, self.mesh)
+        return parallel.data_all_reduce_sum(value, self.mesh)
+
+    def _cp_shard(self, batch: dict) -> dict:
+        if self.dims.cp == 1:
+            return batch
+        from keel.train.context_parallel import shard_batch
+        return shard_batch(batch, self.cp_rank, self.dims.cp)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> dict:
         self.model.train()
-        micro_batches = [self._to_device(mb) for mb in self.data.next_step()]
+        micro_batches = [self._to_device(self._cp_shard(mb)) for mb in self.data.next_step()]
         # Tokens that carry loss, and a fingerprint of the batch's content (sum of its token ids),
         # both over every rank: the fingerprint shows at a glance that a resumed run saw the same data.
         local = torch.tensor([sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
                               sum(int(mb["input_ids"].sum()) for mb in micro_batches)], dtype=torch.int64)
         global_tokens, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
-        scale = self.dp_size / max(global_tokens, 1)  # DDP/FSDP average over dp ranks; undo that
+        # DDP/FSDP average gradients over the ranks holding different tokens; undo that.
+        scale = self.dp_size * self.dims.cp / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=self.dist.device)
         for i, mb in enumerate(micro_batches):
             if parallel.uses_fsdp(self.dims):
@@ -156,7 +164,7 @@ class Trainer:
         batches = self.data.eval_batches(self.cfg.train.eval_batches, self.cfg.train.micro_batch,
                                          self.dp_rank, self.dp_size)
         totals = torch.zeros(2, device=self.dist.device)
-        for mb in map(self._to_device, batches):
+        for mb in (self._to_device(self._cp_shard(b)) for b in batches):
             with self._autocast():
                 totals[0] += self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
                                         doc_ids=mb["doc_ids"]).float()
