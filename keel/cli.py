@@ -21,13 +21,33 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _deepspeed_trainer():
+    from keel.train.deepspeed import DeepSpeedTrainer
+    return DeepSpeedTrainer
+
+
+def _torch_trainer():
+    from keel.train.trainer import Trainer
+    return Trainer
+
+
+# parallel.engine -> the Trainer class (imported lazily: DeepSpeed is an optional extra)
+TRAINERS = {"torch": _torch_trainer, "deepspeed": _deepspeed_trainer}
+
+
 def cmd_train(args) -> None:
     import keel
-    from keel.train.trainer import Trainer
 
     cfg = keel.load_recipe(args.recipe, args.overrides)
-    trainer = Trainer(cfg)
+    trainer = TRAINERS[cfg.parallel.engine]()(cfg)
     summary = trainer.train()
+    if summary.get("preempted"):  # checkpoint committed: exit so that the job can be requeued
+        from keel.train.faults import preempted_exit_code
+        sys.exit(preempted_exit_code())
+    # Leave the process group on every rank first: rank 0's sampling below loads the checkpoint,
+    # and under a live process group that load is a collective the other, exited, ranks miss.
+    from keel.train.launch import shutdown_distributed
+    shutdown_distributed()
     if not trainer.dist.is_main:
         return
     _print_sample(summary["checkpoint"], cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.seed)
@@ -127,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("names", nargs="+", help="shakespeare, kjv, smollm2, or all")
     f.add_argument("--force", action="store_true")
     f.set_defaults(fn=cmd_fetch)
+
+    from keel.slurm import add_parser as add_slurm_parser
+    add_slurm_parser(sub, _Parser)  # keel slurm submit ...
     return p
 
 

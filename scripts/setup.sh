@@ -34,5 +34,11 @@ if ! command -v bible >/dev/null 2>&1; then
   $SUDO apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null
 fi
+# SLURM for tests/test_slurm.py, which starts a 2-node cluster on this machine (slurm/local_cluster.sh).
+if ! command -v slurmctld >/dev/null 2>&1; then
+  echo "setup: installing SLURM (Debian munge, slurmctld, slurmd, slurm-client)"
+  bash slurm/local_cluster.sh install \
+    || echo "setup: warning: SLURM could not be installed; tests/test_slurm.py will be skipped" >&2
+fi
 .venv/bin/keel fetch all
 echo "setup: done (data and model in ${KEEL_HOME:-$HOME/.cache/keel})"

@@ -144,6 +144,9 @@ class Checkpointer:
     def load(path: Path, model, optimizer) -> dict:
         """Load model + optimizer + this rank's RNG from a committed checkpoint; return trainer.json."""
         path = resolve_checkpoint(path)
+        if uses_deepspeed(path, model):  # a DeepSpeed checkpoint and/or engine: keel/train/deepspeed_checkpoint.py
+            from keel.train.deepspeed_checkpoint import load_checkpoint
+            return load_checkpoint(path, model, optimizer)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         set_model_state_dict(model, state["model"])
@@ -154,9 +157,20 @@ class Checkpointer:
         return json.loads((path / "trainer.json").read_text())
 
 
+def uses_deepspeed(path: Path, model=None) -> bool:
+    """A checkpoint written by parallel.engine: deepspeed, or a model wrapped in a DeepSpeed engine."""
+    meta = Path(path) / "trainer.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("engine") == "deepspeed":
+        return True
+    return model is not None and type(model).__name__ == "DeepSpeedEngine"
+
+
 def load_model_weights(path, model) -> None:
     """Fill `model` (sharded or not) with the weights of a checkpoint, ignoring its optimizer."""
     path = resolve_checkpoint(path)
+    if uses_deepspeed(path):  # consolidated by DeepSpeed's zero_to_fp32
+        from keel.train.deepspeed_checkpoint import load_consolidated_weights
+        return load_consolidated_weights(path, model)
     state = {"model": get_model_state_dict(model)}
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
