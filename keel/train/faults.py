@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from keel.errors import KeelError
-from keel.train.checkpoint import Checkpointer
 from keel.train.launch import preemption_flag
 
 KILL_AT_STEP_ENV = "KEEL_FAULT_KILL_AT_STEP"
@@ -76,15 +75,6 @@ def preempted_exit_code() -> int:
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else PREEMPTED_EXIT_CODE
 
 
-def restore_checkpoint(trainer, path: Path) -> None:
-    """Load a committed checkpoint into a running trainer: weights, optimizer, scheduler, data
-    position, RNG and step (what Trainer._resume does at start-up)."""
-    state = Checkpointer.load(path, trainer.model, trainer.optimizer)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.data.load_state_dict(state["data"])
-    trainer.step = state["step"]
-
-
 class StepGuard:
     """What the trainer asks after every step: was it finite, and has the job been preempted?"""
 
@@ -122,7 +112,7 @@ class StepGuard:
                                      f"so it is not transient (bad data or divergence); stopping. Lower "
                                      f"optim.lr or set train.nonfinite=skip")
             self.rolled_back_from.add(step)
-            restore_checkpoint(t, latest)
+            t.restore(latest)
             self._say(f"keel: warning: {what}: rolled back to {latest} (train.nonfinite=rollback)")
             return True
         raise NonFiniteError(f"{what}: stopped because train.nonfinite is 'stop'; the last committed "

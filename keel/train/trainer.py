@@ -101,13 +101,20 @@ class Trainer:
         path = self.ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
         if path is None:
             return 0
-        state = Checkpointer.load(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.data.load_state_dict(state["data"])
+        state = self.restore(path)
         if self.dist.is_main:
             print(f"keel: resumed from {path} (step {state['step']}, saved on {state['world_size']} ranks)",
                   flush=True)
         return state["step"]
+
+    def restore(self, path: Path) -> dict:
+        """Load a committed checkpoint into this trainer: weights, optimizer, scheduler, data
+        position and RNG (at start-up, and for an in-process rollback). Returns trainer.json."""
+        state = Checkpointer.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        self.step = state["step"]
+        return state
 
     # ------------------------------------------------------------ loop
     def _autocast(self):
