@@ -1,13 +1,10 @@
 """Recipes: extends, overrides, and a one-line error naming the key or file for bad input."""
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import keel
 from keel.errors import ConfigError
-from conftest import REPO, TINY_RECIPE, run_keel, small_run_overrides
+from conftest import TINY_RECIPE, run_keel, small_run_overrides
 
 
 def test_tiny_recipe_extends_base_and_overrides_apply():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import keel
-from conftest import TINY_RECIPE, read_metrics, run_keel, small_run_overrides
+from conftest import TINY_RECIPE, assert_same_training, run_keel, small_run_overrides
 
 pytest.importorskip("deepspeed")
 
@@ -32,9 +32,6 @@ RUNS = {
 # fp32 throughout: only the order of floating-point sums differs from one process (ZeRO reduces
 # gradients in buckets and computes the norm over partitions). Measured: losses equal to the last
 # printed digit, grad norms within 2e-7 relative, final weights within 2e-6 absolute.
-LOSS_RTOL = 1e-5
-GRAD_NORM_RTOL = 1e-4
-WEIGHT_ATOL = 5e-5  # as tests/test_parallel.py: Adam amplifies fp32 rounding on near-zero gradients
 LOGIT_ATOL = 1e-5  # keel.load vs transformers on the exported folder (measured: 0)
 
 
@@ -51,23 +48,6 @@ def run(tmp_path_factory):
             done[name] = root / name
         return done[name]
     return get
-
-
-def assert_same_training(reference, other, steps=(1, 2, 3, 4, 5)):
-    ref = {r["step"]: r for r in read_metrics(reference)}
-    got = {r["step"]: r for r in read_metrics(other) if "loss" in r}
-    assert sorted(got) == list(steps)  # nothing repeated, nothing skipped
-    for step in steps:
-        a, b = ref[step], got[step]
-        assert b["data_fingerprint"] == a["data_fingerprint"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=GRAD_NORM_RTOL)
-    assert ref[5]["loss"] < ref[1]["loss"]  # it trained, so the equalities say something
-    # The final weights depend on the AdamW moments too: a resume that lost them would differ by ~1e-3.
-    w_ref, w_got = keel.load(reference).state_dict(), keel.load(other).state_dict()
-    assert w_got.keys() == w_ref.keys()
-    for name, value in w_ref.items():
-        torch.testing.assert_close(w_got[name], value, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
 
 
 def train(run_dir, nproc, extra, env=None, check=True):
