@@ -18,11 +18,16 @@ setup(
         "megatron-core>=0.12",
         "wandb",
         "gguf",
+        "sympy",  # math answer verification in keel.rl.rewards
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
-        "rl": ["vllm"],
-        "dev": ["pytest", "accelerate", "deepspeed", "torchao", "triton"],
+        "rl": ["vllm", "reasoning-gym==0.1.25"],
+        "dev": ["pytest", "accelerate", "deepspeed", "torchao", "triton", "reasoning-gym==0.1.25"],
     },
-    entry_points={"console_scripts": ["keel=keel.cli:main"]},
+    entry_points={
+        "console_scripts": ["keel=keel.cli:main"],
+        # vLLM calls this in every process it starts: registers KSAForCausalLM (untested: no vLLM here).
+        "vllm.general_plugins": ["keel_ksa = keel.model.ksa_remote.vllm_plugin:register"],
+    },
 )

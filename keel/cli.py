@@ -63,6 +63,23 @@ def cmd_train(args) -> None:
     print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
 
 
+def cmd_rl(args) -> None:
+    import keel
+    from keel.errors import ConfigError
+    from keel.rl.run import get_rl_trainer
+
+    cfg = keel.load_recipe(args.recipe, args.overrides)
+    if cfg.rl is None:
+        raise ConfigError(f"rl: {args.recipe} has no rl section; `keel rl` runs RL recipes (recipes/rl/)")
+    summary = get_rl_trainer(cfg.rl.trainer)(cfg).train()
+    run_dir = os.path.abspath(cfg.run.out_dir)
+    shown = {k: v for k, v in summary.items() if isinstance(v, float) and "/" not in k}
+    print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    print(f"run directory:   {run_dir}  (metrics.jsonl, config.yaml, checkpoints/)")
+    print(f"  checkpoint:    {os.path.abspath(summary['checkpoint'])}")
+    print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
+
+
 def _print_sample(ckpt: str, prompt: str, tokens: int, seed: int) -> None:
     if not tokens:
         return
@@ -114,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("rl", help="RL post-training (GRPO, DPO, distillation) from a YAML recipe")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    r.set_defaults(fn=cmd_rl)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint or run directory")
     g.add_argument("checkpoint")

@@ -82,7 +82,10 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1
+    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining, keel/train/pipeline.py)
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    pp_stages_per_rank: int = 0  # virtual stages per pp rank; 0: 2 for interleaved_1f1b, else 1
+    pp_layers: Optional[list[int]] = None  # layers per stage, in stage order; default: an even split
     dp_replicate: int = 1  # DDP replicas (HSDP together with dp_shard)
     dp_shard: int = -1  # FSDP2 shards; -1: every rank the other dims leave
     cp: int = 1
@@ -131,6 +134,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: Any = None  # keel/rl/config.py RLConfig, validated there when present (`keel rl`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,7 +242,7 @@ def coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item,) = typing.get_args(tp)
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -320,7 +324,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {cfg.optim.decay_fraction}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
-    if not cfg.data.sources:
+    if not cfg.data.sources and cfg.rl is None:  # RL recipes take prompts from rl.prompts
         raise ConfigError("data.sources: at least one data source is required")
     for i, source in enumerate(cfg.data.sources):
         if not source.path:
@@ -328,8 +332,8 @@ def validate(cfg: Config) -> None:
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {source.weight}")
     if cfg.parallel.pp > 1:
-        raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use parallel.tp, "
-                          "parallel.cp, parallel.dp_shard and parallel.dp_replicate")
+        from keel.train.pipeline import validate_pipeline
+        validate_pipeline(cfg.parallel, cfg.model)
     if cfg.data.seq_len % (2 * cfg.parallel.cp):
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be divisible by 2 * parallel.cp "
                           f"= {2 * cfg.parallel.cp} (each cp rank holds two balanced chunks)")
@@ -356,6 +360,9 @@ def config_from_dict(raw: dict, source: str = "recipe") -> Config:
     cfg = build_dataclass(Config, raw)
     cfg.model = build_dataclass(spec.config_cls, model_raw, "model")
     validate(cfg)
+    if cfg.rl is not None:
+        from keel.rl.config import validate_rl_section
+        validate_rl_section(cfg)
     return cfg
 
 

@@ -231,8 +231,13 @@ class Transformer(nn.Module):
         return emb.cos(), emb.sin()
 
     def hidden_states(self, input_ids, positions=None, doc_ids=None, cache=None) -> torch.Tensor:
-        """Final-normed hidden states [B, L, dim]."""
-        batch, seq = input_ids.shape
+        """Final-normed hidden states [B, L, dim].
+
+        `input_ids` may instead hold hidden states [B, L, dim] (floating point): a pipeline stage
+        after the first receives the previous stage's activations. A model without `norm` (a stage
+        before the last) returns its blocks' output un-normed.
+        """
+        batch, seq = input_ids.shape[:2]
         if cache is not None:
             positions, mask = cache.positions_and_mask(seq)
         else:
@@ -240,18 +245,20 @@ class Transformer(nn.Module):
                 positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
             mask = AttentionMask(causal=True, doc_ids=doc_ids)
         cos, sin = self.rope(positions)
-        h = self.embed(input_ids)
+        h = input_ids if input_ids.is_floating_point() else self.embed(input_ids)
         for i, block in enumerate(self.layers.values()):
             h = block(h, cos, sin, mask, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(seq)
-        return self.norm(h)
+        return h if self.norm is None else self.norm(h)
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids, labels=None, positions=None, doc_ids=None, cache=None):
         """Logits [B, L, V] without labels; with labels, the summed next-token loss over the
         tokens whose label is not -100 (the caller divides by its global token count)."""
         h = self.hidden_states(input_ids, positions, doc_ids, cache)
+        if self.norm is None:  # a pipeline stage before the last hands its activations on
+            return h
         weight = self.head_weight()
         if labels is None:
             return F.linear(h, weight)

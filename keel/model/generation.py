@@ -102,7 +102,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 32, temperat
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p, device=device)
         valid[i, longest - len(p):] = True
-    cache = KVCache.for_model(model, batch, longest + max_new_tokens)
+    # A family with its own cache layout (KSA) provides new_kv_cache; it takes the same calls as KVCache.
+    new_cache = getattr(model, "new_kv_cache", None) or (lambda b, n: KVCache.for_model(model, b, n))
+    cache = new_cache(batch, longest + max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

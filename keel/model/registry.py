@@ -71,3 +71,9 @@ register_model(ModelSpec("llama", TransformerConfig, Transformer, ("LlamaForCaus
                          "Llama-shaped decoder (SmolLM2, Llama 2/3)"))
 register_model(ModelSpec("qwen3", TransformerConfig, Transformer, ("Qwen3ForCausalLM", "Qwen2ForCausalLM"),
                          "Qwen3-shaped decoder (QK-norm)"))
+
+from keel.model.ksa import KSAConfig, KSATransformer  # noqa: E402  (after the base families)
+
+# KSA's summary projections would need their own TP styles; KSA is single-device / FSDP for now.
+register_model(ModelSpec("ksa", KSAConfig, KSATransformer, (),
+                         "Kwai Summary Attention: summary tokens every N text tokens (PAPERS.md §1)"))

@@ -41,6 +41,12 @@ from keel.errors import CheckpointError
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 COMPLETE = "COMPLETE"
+# Optimizer state keyed per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not by
+# per-rank parameter lists: a pipeline stage holds only some parameters, and this is what lets
+# its state load into any other layout.
+FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+# Optimizer settings that follow from the parallel layout, not from training: kept on resume.
+LAYOUT_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -59,6 +65,10 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _optimizer_state(model, optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=FLAT_OPTIM)
 
 
 def committed_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -117,7 +127,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         _barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state = {"model": get_model_state_dict(model), "optim": _optimizer_state(model, optimizer)}
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
         _barrier()
@@ -151,10 +161,13 @@ class Checkpointer:
         if uses_deepspeed(path, model):  # a DeepSpeed checkpoint and/or engine: keel/train/deepspeed_checkpoint.py
             from keel.train.deepspeed_checkpoint import load_checkpoint
             return load_checkpoint(path, model, optimizer)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state = {"model": get_model_state_dict(model), "optim": _optimizer_state(model, optimizer)}
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        layout_options = [{k: g[k] for k in LAYOUT_OPTIONS if k in g} for g in optimizer.param_groups]
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=FLAT_OPTIM)
+        for group, options in zip(optimizer.param_groups, layout_options):
+            group.update(options)  # e.g. foreach=False under TP alone: this layout's, not the saver's
         rng_file = path / "rng" / f"rank_{_rank()}.pt"
         if rng_file.is_file():  # a new rank (resume on more ranks) keeps its fresh seed
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -176,11 +189,21 @@ def load_model_weights(path, model) -> None:
         from keel.train.deepspeed_checkpoint import load_consolidated_weights
         return load_consolidated_weights(path, model)
     state = {"model": get_model_state_dict(model)}
+    # A model with an `init_missing_weights(keys)` hook (KSA from a dense checkpoint) initialises the
+    # weights the checkpoint lacks itself, after the rest are loaded; the hook refuses what it cannot.
+    missing = set()
+    if hasattr(model, "init_missing_weights"):
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        missing = {k for k in state["model"] if f"model.{k}" not in saved}
+        for key in missing:
+            del state["model"][key]
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP raises bare errors on key or shape mismatch
         raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0][:200]})") from None
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not missing))
+    if missing:
+        model.init_missing_weights(missing)
 
 
 # ------------------------------------------------------------ model-only checkpoints (HF import)

@@ -72,19 +72,22 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, sum_group=None, skip: frozenset = frozenset()) -> torch.Tensor:
     """Global L2 norm of all gradients, sharded (DTensor) or not; grads are scaled down to max_norm.
 
     Squares are summed per shard in fp32 and all-reduced only over the mesh dims a gradient is
     sharded on (a TP-replicated, FSDP-sharded norm weight is reduced over dp, not over tp), so the
     norm equals one process's to fp32 rounding. (torch's clip_grad_norm_ on FSDP2 DTensors
-    drifted by ~1e-5 relative here.)
+    drifted by ~1e-5 relative here.) Under pipeline parallelism each pp rank holds other
+    parameters: `sum_group` adds their squares up, and `skip` names (by id) parameters another
+    rank already counts (a tied embedding's second copy), which are clipped but not counted.
     """
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
     partial_sums: dict = {}  # (mesh, sharded mesh dims) -> sum of squares of the local shards
-    for g in grads:
+    for g in (p.grad for p in params if id(p) not in skip):
         if isinstance(g, DTensor):
             # Any placement that is neither replicated nor partial splits the tensor (FSDP over TP
             # uses _StridedShard, whose is_shard() is False).
@@ -98,6 +101,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         for dim in dims:
             torch.distributed.all_reduce(value, group=mesh.get_group(dim))
         total = total + value.to(total.device)
+    if sum_group is not None:
+        torch.distributed.all_reduce(total, group=sum_group)
     total = total.sqrt()
     if max_norm != float("inf"):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -23,9 +23,12 @@ from keel.train.checkpoint import Checkpointer, load_model_weights, resolve_chec
 from keel.train.launch import DistInfo, init_distributed
 from keel.train.metrics import MetricsLogger, ProgressLine, device_peak_flops, peak_memory_gib
 from keel.train.optim import build_optimizer, clip_grad_norm
+from keel.train.pipeline import build_pipeline
 
 
 class Trainer:
+    pipeline = None  # a keel.train.pipeline.Pipeline under parallel.pp > 1
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
@@ -76,13 +79,20 @@ class Trainer:
             load_model_weights(resolve_checkpoint(cfg.model.init_from), model)
         else:
             model.init_weights()
-        bf16 = cfg.precision.dtype == "bf16"
+        self.autocast = cfg.precision.dtype == "bf16" and not fsdp  # FSDP casts through its mixed-precision policy
+        # Under pp each of this rank's stages is cut from the whole model, then parallelized alone.
+        self.pipeline = build_pipeline(model, self.mesh, self.dims, cfg, self._parallelize, self.dist.device,
+                                       self.dp_size)
+        return self._parallelize(model) if self.pipeline is None else self.pipeline.container
+
+    def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        cfg, fsdp = self.cfg, parallel.uses_fsdp(self.dims)
         precision.apply_fp8(model, cfg.precision, fsdp)
+        param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
         model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, get_model_spec(cfg.model.name).tp_plan,
-                                     torch.bfloat16 if bf16 and fsdp else None)
+                                     param_dtype)
         if fsdp and self.dist.device.type != "cpu":
             model.to(self.dist.device)
-        self.autocast = bf16 and not fsdp  # FSDP casts through its mixed-precision policy instead
         return model
 
     def _build_data(self):
@@ -143,7 +153,10 @@ class Trainer:
         # DDP/FSDP average gradients over the ranks holding different tokens; undo that.
         scale = self.dp_size * self.dims.cp / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=self.dist.device)
-        for i, mb in enumerate(micro_batches):
+        if self.pipeline is not None:  # the schedule runs every micro-batch through the stages
+            loss_sum = self.pipeline.train_step(micro_batches, scale)
+            faults.inject_kill(self.step + 1, self.dist.rank)
+        for i, mb in enumerate(micro_batches if self.pipeline is None else ()):
             if parallel.uses_fsdp(self.dims):
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self._autocast():
@@ -154,7 +167,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             faults.inject_kill(self.step + 1, self.dist.rank)  # fault injection (tests): KEEL_FAULT_KILL_*
         max_norm = self.cfg.train.grad_clip or float("inf")
-        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm, **self._pipeline_norm_args())
         lr = self.scheduler.get_last_lr()[0]
         loss = self._dp_sum(loss_sum).item() / max(global_tokens, 1)
         finite = math.isfinite(loss) and math.isfinite(float(grad_norm))  # the same on every rank
@@ -165,16 +178,25 @@ class Trainer:
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
                 "data_fingerprint": fingerprint, "finite": finite}
 
+    def _pipeline_norm_args(self) -> dict:
+        if self.pipeline is None:
+            return {}
+        return {"sum_group": self.pipeline.group, "skip": self.pipeline.norm_skip()}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.model.eval()
-        batches = self.data.eval_batches(self.cfg.train.eval_batches, self.cfg.train.micro_batch,
-                                         self.dp_rank, self.dp_size)
+        batches = [self._to_device(self._cp_shard(b)) for b in self.data.eval_batches(
+            self.cfg.train.eval_batches, self.cfg.train.micro_batch, self.dp_rank, self.dp_size)]
         totals = torch.zeros(2, device=self.dist.device)
-        for mb in (self._to_device(self._cp_shard(b)) for b in batches):
+        if self.pipeline is not None:
+            with self._autocast():
+                totals[0] += self.pipeline.evaluate(batches)
+        for mb in batches if self.pipeline is None else ():
             with self._autocast():
                 totals[0] += self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
                                         doc_ids=mb["doc_ids"]).float()
+        for mb in batches:
             totals[1] += (mb["labels"] != -100).sum()
         loss_sum, tokens = self._dp_sum(totals).tolist()
         loss = loss_sum / max(tokens, 1)

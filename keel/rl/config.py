@@ -1,0 +1,152 @@
+"""The `rl:` section of a recipe: typed, validated like every other section.
+
+One RLConfig serves every RL trainer (grpo, dpo, opd). Sub-sections a trainer owns (`rl.dpo`,
+`rl.opd`) are plain mappings here and validated by that trainer's own dataclass. The usual
+sections still apply: `optim` (learning rate, schedule), `train.seed`, `train.grad_clip`,
+`checkpoint` (every, keep_last, resume), `logging`, `run.out_dir`, `precision.dtype`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Optional
+
+from keel.config import build_dataclass
+from keel.errors import ConfigError
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: list[str] = field(default_factory=list)  # extra stop strings, each must be one token
+    stop_at_eos: bool = True
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    sleep: bool = True  # free vLLM's weights + KV cache while the trainer runs (enable_sleep_mode)
+    bucket_mb: int = 512  # weights pushed to vLLM in buckets of about this many MiB
+    max_model_len: int = 0  # 0: prompt + response budget of this recipe
+
+
+@dataclass
+class RLConfig:
+    trainer: str = "grpo"  # grpo | dpo | opd (RL_TRAINERS in keel/rl/run.py)
+    # The policy's starting weights: `smollm2`, an HF model folder or .gguf, or a keel run/checkpoint.
+    policy: str = "smollm2"
+    chat_template: bool = True  # wrap each prompt as a user turn with the tokenizer's chat template
+    system_prompt: Optional[str] = None  # None: the template's default system turn
+    engine: str = "native"  # native | vllm (ENGINES in keel/rl/engines)
+    engine_batch: int = 32  # native: sequences decoded at once (finished slots are refilled)
+    engine_dtype: str = "float32"  # native: dtype of the engine's copy of the policy
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    prompts: dict = field(default_factory=dict)  # a prompt source (keel/rl/prompts.py)
+    eval_prompts: Optional[dict] = None  # held-out prompts scored greedily every eval_every steps
+    eval_every: int = 0  # 0: only before the first and after the last step
+    eval_max_tokens: int = 0  # 0: sampling.max_tokens
+    eval_temperature: float = 0.0  # 0: greedy (GoLongRL validates at 0.6 / top-p 0.95)
+    eval_top_p: float = 1.0
+    steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8  # rollouts per prompt (G)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_prompt_tokens: int = 1024  # longer prompts are cut from the left (GoLongRL: truncation left)
+    advantage: str = "grpo"  # keel/rl/advantages.py ADVANTAGE_ESTIMATORS
+    advantage_cfg: dict = field(default_factory=dict)  # that estimator's options (checked by it)
+    loss: str = "ppo_clip"  # keel/rl/losses.py POLICY_LOSSES
+    loss_cfg: dict = field(default_factory=dict)  # that loss's options, e.g. clip_low, clip_high, dual_clip
+    # Truncated importance sampling of trainer vs rollout-engine token probabilities: weights
+    # clipped to [is_cap_low, is_cap] (is_cap 0: off); a sequence with a ratio below is_veto is dropped.
+    is_cap: float = 2.0
+    is_cap_low: float = 0.0
+    is_veto: Optional[float] = None
+    kl_coef: float = 0.0  # > 0: KL to a frozen copy of the starting policy
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO filter_groups)
+    max_gen_batches: int = 4  # dynamic sampling: generation rounds per step before training anyway
+    mini_batches: int = 1  # optimizer updates per step (PPO mini-batches), 1 epoch
+    micro_batch: int = 8  # sequences per forward/backward
+    dpo: Optional[dict] = None  # keel/rl/dpo.py DPOConfig validates it
+    opd: Optional[dict] = None  # keel/rl/distill.py OPDConfig validates it
+
+
+def _choice(key: str, value: str, names) -> None:
+    names = sorted(names)
+    if value not in names:
+        close = difflib.get_close_matches(str(value), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown name {value!r}{hint}; expected one of {names}")
+
+
+def build_rl_config(raw) -> RLConfig:
+    return raw if isinstance(raw, RLConfig) else build_dataclass(RLConfig, raw, "rl")
+
+
+def validate_rl(rl: RLConfig) -> None:
+    """Checks that need no model or data: names exist, numbers are in range."""
+    from keel.rl.engines import ENGINES
+    from keel.rl.run import RL_TRAINERS, get_rl_trainer
+
+    _choice("rl.trainer", rl.trainer, RL_TRAINERS)
+    _choice("rl.engine", rl.engine, ENGINES)
+    _choice("rl.engine_dtype", rl.engine_dtype, ("float32", "bfloat16", "float16"))
+    for key in ("steps", "prompts_per_step", "group_size", "engine_batch", "micro_batch", "mini_batches",
+                "max_gen_batches", "max_prompt_tokens"):
+        if getattr(rl, key) <= 0:
+            raise ConfigError(f"rl.{key}: must be > 0, got {getattr(rl, key)}")
+    for key in ("is_cap", "kl_coef", "entropy_coef", "eval_every", "eval_max_tokens"):
+        if getattr(rl, key) < 0:
+            raise ConfigError(f"rl.{key}: must be >= 0, got {getattr(rl, key)}")
+    s = rl.sampling
+    if s.max_tokens <= 0:
+        raise ConfigError(f"rl.sampling.max_tokens: must be > 0, got {s.max_tokens}")
+    if s.temperature < 0:
+        raise ConfigError(f"rl.sampling.temperature: must be >= 0, got {s.temperature}")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"rl.sampling.top_p: must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise ConfigError(f"rl.sampling.top_k: must be >= 0, got {s.top_k}")
+    if rl.is_cap and not 0.0 <= rl.is_cap_low < rl.is_cap:
+        raise ConfigError(f"rl.is_cap_low: must be in [0, rl.is_cap), got {rl.is_cap_low}")
+    if rl.vllm.bucket_mb <= 0:
+        raise ConfigError(f"rl.vllm.bucket_mb: must be > 0, got {rl.vllm.bucket_mb}")
+    if not 0.0 < rl.vllm.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"rl.vllm.gpu_memory_utilization: must be in (0, 1], got "
+                          f"{rl.vllm.gpu_memory_utilization}")
+    get_rl_trainer(rl.trainer).validate_config(rl)  # the trainer's own checks (G >= 2 for grpo, ...)
+
+
+def check_registries(rl: RLConfig) -> None:
+    """Names looked up in the RL-algorithm registries (advantage estimators, policy losses)."""
+    from keel.rl import losses
+    from keel.rl.advantages import estimator_options
+
+    estimator_options(rl.advantage, rl.advantage_cfg, "rl.advantage_cfg" if rl.advantage_cfg else "rl.advantage")
+    _choice("rl.loss", rl.loss, losses.POLICY_LOSSES)
+    losses._options(rl.loss, loss_options(rl), "rl.loss_cfg")
+
+
+def loss_options(rl: RLConfig) -> dict:
+    """rl.loss_cfg plus the KL / entropy terms, for losses that take them."""
+    from keel.rl.losses import POLICY_LOSSES
+
+    known = POLICY_LOSSES[rl.loss].options
+    extra = {"kl_coef": rl.kl_coef, "kl_kind": rl.kl_kind, "entropy_coef": rl.entropy_coef}
+    return {**{k: v for k, v in extra.items() if k in known}, **rl.loss_cfg}
+
+
+def validate_rl_section(cfg) -> None:
+    """Hook called from keel/config.py: turn `rl:` into an RLConfig and validate it."""
+    if cfg.rl is None:
+        return
+    cfg.rl = build_rl_config(cfg.rl)
+    validate_rl(cfg.rl)
+

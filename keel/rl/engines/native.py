@@ -1,0 +1,178 @@
+"""keel's own rollout engine: batched KV-cache decoding on the backbone, with slot refill.
+
+A fixed number of slots decode one token per forward. When a sequence stops (a stop id or its
+max_tokens), its slot takes the next waiting prompt at once, so the batch never idles behind its
+longest sequence; when no prompt waits, finished slots leave the batch and it shrinks.
+
+How a slot is refilled inside one shared KV cache (keel/model/generation.py): the cache has one
+write position for all rows, and each row's real tokens are marked in `cache.valid`. A new
+prompt's first p-1 tokens are prefilled in a small side batch, and their keys/values (already
+rotated for positions 0..p-2) are copied into the row just before the write position, with the
+row's older entries marked invalid; its last prompt token is then fed by the next decode step.
+RoPE positions come from counting valid entries, so the new sequence sees exactly itself. When
+the write position reaches the end of the cache, rows are shifted left together (compaction).
+Works on CPU and GPU; results are deterministic for a given seed and prompt list.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+import torch
+
+from keel.model.generation import KVCache, sample_next
+from keel.rl.engines import Rollout, SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Slots:
+    """Per-row bookkeeping of the decode batch."""
+
+    def __init__(self):
+        self.owner: list[int] = []  # index into the flat list of requests
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float]] = []
+
+
+class NativeEngine:
+    def __init__(self, model: torch.nn.Module, max_batch: int = 32):
+        self.model = model.eval().requires_grad_(False)
+        self.max_batch = max_batch
+        self.version = 0
+        self.device = model.tok_embeddings.weight.device
+
+    @classmethod
+    def from_policy(cls, policy: torch.nn.Module, rl_cfg, device=None):
+        """The engine's own copy of the policy (the trainer's weights stay fp32 and trainable)."""
+        import copy
+        model = copy.deepcopy(policy).to(device=device or policy.tok_embeddings.weight.device,
+                                         dtype=_DTYPES[rl_cfg.engine_dtype])
+        return cls(model, rl_cfg.engine_batch)
+
+    # ------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        params = dict(self.model.named_parameters())
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"native engine: no parameter named {name!r} in the rollout model")
+            params[name].copy_(tensor.detach())
+            seen.add(name)
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise KeyError(f"native engine: update_weights did not send {missing[:3]} ({len(missing)} missing)")
+        self.version = version
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("native engine: every prompt needs at least one token")
+        requests = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        results: list[Optional[Rollout]] = [None] * len(requests)
+        waiting = deque(range(len(requests)))
+        longest_prefill = max(len(p) for _, p in requests) - 1  # p-1 tokens are prefilled
+        width = min(self.max_batch, len(requests))
+        # Room for the longest live sequence plus slack, so compaction happens at most every
+        # max_tokens steps.
+        cache = KVCache.for_model(self.model, width, longest_prefill + 2 * sampling.max_tokens + 1)
+        cache.length = longest_prefill  # everything before is invalid until a prompt is placed
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stop = torch.tensor(list(sampling.stop_ids) or [-1], device=self.device)
+        slots = _Slots()
+        inputs = torch.zeros(width, dtype=torch.long, device=self.device)
+        rows = list(range(width))
+        for row in rows:
+            slots.owner.append(-1)
+            slots.tokens.append([])
+            slots.logprobs.append([])
+        self._refill(cache, rows, [waiting.popleft() for _ in rows], requests, slots, inputs)
+
+        while slots.owner:
+            if cache.length + 1 > cache.max_len:
+                self._compact(cache, longest_prefill)
+            cache.append_valid(torch.ones(len(slots.owner), 1, dtype=torch.bool, device=self.device))
+            logits = self.model(inputs[:, None], cache=cache)[:, -1].float()
+            nxt = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            scaled = logits / sampling.temperature if sampling.temperature > 0 else logits
+            logprobs = scaled.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+            stopped = torch.isin(nxt, stop).tolist()
+            nxt_list, lp_list = nxt.tolist(), logprobs.tolist()
+            finished = []
+            for row, (tok, lp) in enumerate(zip(nxt_list, lp_list)):
+                slots.tokens[row].append(tok)
+                slots.logprobs[row].append(lp)
+                if stopped[row] or len(slots.tokens[row]) >= sampling.max_tokens:
+                    finished.append(row)
+                    req = slots.owner[row]
+                    results[req] = Rollout(slots.tokens[row], slots.logprobs[row],
+                                           "stop" if stopped[row] else "length", requests[req][0])
+            inputs = nxt
+            if not finished:
+                continue
+            refill = finished[:len(waiting)]
+            if refill:
+                self._refill(cache, refill, [waiting.popleft() for _ in refill], requests, slots, inputs)
+            gone = finished[len(refill):]
+            if gone:
+                inputs = self._drop_rows(cache, gone, slots, inputs)
+        return results  # type: ignore[return-value]
+
+    def _refill(self, cache: KVCache, rows: list[int], reqs: list[int], requests, slots: _Slots,
+                inputs: torch.Tensor) -> None:
+        """Place requests `reqs` into `rows`: prefill all but their last prompt token."""
+        prompts = [requests[r][1] for r in reqs]
+        heads = [p[:-1] for p in prompts]
+        width = max(len(h) for h in heads)
+        row_index = torch.tensor(rows, device=self.device)
+        cache.valid[row_index] = False
+        if width:
+            side = KVCache.for_model(self.model, len(rows), width)
+            ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+            valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
+            for i, h in enumerate(heads):
+                if h:
+                    ids[i, width - len(h):] = torch.tensor(h, device=self.device)
+                    valid[i, width - len(h):] = True
+            side.append_valid(valid)
+            self.model.hidden_states(ids, cache=side)  # fills side's keys/values; logits not needed
+            start = cache.length - width
+            for layer in range(len(cache.k)):
+                cache.k[layer][row_index, :, start:cache.length] = side.k[layer]
+                cache.v[layer][row_index, :, start:cache.length] = side.v[layer]
+            cache.valid[row_index, start:cache.length] = valid
+        for row, req, prompt in zip(rows, reqs, prompts):
+            slots.owner[row], slots.tokens[row], slots.logprobs[row] = req, [], []
+            inputs[row] = prompt[-1]
+
+    def _drop_rows(self, cache: KVCache, gone: list[int], slots: _Slots, inputs: torch.Tensor) -> torch.Tensor:
+        keep = [r for r in range(len(slots.owner)) if r not in set(gone)]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        cache.k = [k.index_select(0, index) for k in cache.k]
+        cache.v = [v.index_select(0, index) for v in cache.v]
+        cache.valid = cache.valid.index_select(0, index)
+        slots.owner = [slots.owner[r] for r in keep]
+        slots.tokens = [slots.tokens[r] for r in keep]
+        slots.logprobs = [slots.logprobs[r] for r in keep]
+        return inputs.index_select(0, index)
+
+    @staticmethod
+    def _compact(cache: KVCache, keep_room: int) -> None:
+        """Shift every row left by the longest all-invalid prefix, keeping room to place a prompt."""
+        used = cache.valid[:, :cache.length]
+        first_valid = torch.where(used.any(1), used.float().argmax(1), torch.full_like(used[:, 0], cache.length,
+                                                                                       dtype=torch.long))
+        shift = min(int(first_valid.min()), cache.length - keep_room)
+        if shift <= 0:
+            raise RuntimeError("native engine: KV cache full and nothing to compact")
+        end = cache.length
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, :, :end - shift] = cache.k[layer][:, :, shift:end].clone()
+            cache.v[layer][:, :, :end - shift] = cache.v[layer][:, :, shift:end].clone()
+        cache.valid[:, :end - shift] = cache.valid[:, shift:end].clone()
+        cache.valid[:, end - shift:] = False
+        cache.length = end - shift

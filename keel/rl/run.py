@@ -1,0 +1,307 @@
+"""What every RL trainer (grpo, dpo, opd) shares: the policy, optimizer, checkpoint + resume,
+metrics, and the trainer-side log-probability recompute.
+
+A trainer subclasses RLRun and writes `train_step()` (one optimizer step's worth of work, returning
+its metrics row); it may add `evaluate()`, `state_dict()` / `load_state_dict()` for its own
+resumable state (prompt position, estimator state: plain Python and tensors) and
+`validate_config(rl_cfg)` for its own config checks. RLRun does the rest:
+
+  setup    policy from `rl.policy` (`smollm2`, an HF folder/.gguf, or a keel run/checkpoint) ->
+           optimizer + LR schedule (keel/train/optim.py, over rl.steps) -> resume -> metrics
+  loop     train_step -> optimizer step (grad clip) -> metrics.jsonl / wandb -> checkpoint every N
+  resume   policy, optimizer, scheduler, step, the trainer's state and every RNG, from the newest
+           committed (atomic) checkpoint (keel/train/checkpoint.py); a killed run picks up exactly
+           where its last checkpoint left it.
+
+The run directory is a normal keel run: `keel.load(run_dir)` gives the trained policy and
+`keel export hf run_dir OUT` converts it for transformers / vLLM.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from keel.config import Config, save_resolved
+from keel.errors import ConfigError
+from keel.train.checkpoint import COMPLETE, Checkpointer, load_model, resolve_checkpoint, tokenizer_dir_of
+from keel.train.metrics import MetricsLogger, ProgressLine
+from keel.train.optim import build_optimizer, clip_grad_norm
+
+# rl.trainer -> "module:Class", imported on use (each trainer pulls in only what it needs).
+RL_TRAINERS: dict[str, str] = {
+    "grpo": "keel.rl.grpo:GRPOTrainer",
+    "dpo": "keel.rl.dpo:DPOTrainer",
+    "opd": "keel.rl.distill:OPDTrainer",
+}
+
+
+def get_rl_trainer(name: str):
+    if name not in RL_TRAINERS:
+        from keel.rl.config import _choice
+        _choice("rl.trainer", name, RL_TRAINERS)
+    module, cls = RL_TRAINERS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rl.trainer: {name!r} is not available in this install ({e})") from None
+
+
+# ------------------------------------------------------------------ policy
+
+def _is_keel_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE).is_file() or (path / "checkpoints").is_dir()
+
+
+def load_policy(spec: str, device: torch.device | str = "cpu"):
+    """(model in fp32 on `device`, keel Tokenizer) from `smollm2`, an HF folder/.gguf, or a keel run."""
+    from keel.data.tokenizer import Tokenizer
+
+    path = Path(spec).expanduser()
+    if spec != "smollm2" and path.exists() and _is_keel_checkpoint(path):
+        ckpt = resolve_checkpoint(path)
+        folder = tokenizer_dir_of(ckpt)
+        if folder is None:
+            raise ConfigError(f"rl.policy: {path} has no tokenizer/ folder saved with it")
+        return load_model(ckpt, str(device)).train(), Tokenizer.load(str(folder))
+    from keel.model.hf import _locate, load_hf
+    from keel.model.registry import build_model
+
+    model_cfg, state_dict, hf_tokenizer = load_hf(spec)
+    if hf_tokenizer is None:
+        raise ConfigError(f"rl.policy: {spec} has no tokenizer files")
+    model = build_model(model_cfg, "meta")
+    model.to_empty(device=device)
+    model.init_buffers()
+    model.load_state_dict(state_dict, strict=True)
+    folder, gguf = _locate(spec)
+    if gguf:  # the tokenizer lives inside the .gguf file
+        return model.train(), Tokenizer(hf_tokenizer, Path(gguf).stem, folder)
+    return model.train(), Tokenizer.load(str(folder))
+
+
+# ------------------------------------------------------------------ trainer-side log-probabilities
+
+def logprobs_of(model: torch.nn.Module, sequences: torch.Tensor, response_mask: torch.Tensor,
+                temperature: float = 1.0, with_entropy: bool = False):
+    """log p(token_t | tokens_<t) [B, L] at the response positions (0 elsewhere), under
+    softmax(logits / temperature) — the rollout engines' convention — and, with `with_entropy`,
+    the per-token entropy [B, L] of that distribution too.
+
+    `sequences` are prompt + response, right-padded; `response_mask` marks response tokens. Only
+    response positions go through the LM head, so [tokens x vocab] exists for responses alone.
+    """
+    hidden = model.hidden_states(sequences)
+    scored = response_mask[:, 1:]  # token t is predicted from position t - 1
+    logits = F.linear(hidden[:, :-1][scored], model.head_weight()).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    log_probs = logits.log_softmax(-1)
+    picked = log_probs.gather(-1, sequences[:, 1:][scored][:, None]).squeeze(-1)
+    out = torch.zeros(sequences.shape, dtype=picked.dtype, device=picked.device)
+    out[:, 1:][scored] = picked
+    if not with_entropy:
+        return out
+    entropy = torch.zeros_like(out)
+    entropy[:, 1:][scored] = -(log_probs.exp() * log_probs).sum(-1)
+    return out, entropy
+
+
+# ------------------------------------------------------------------ prompt order
+
+class PromptStream:
+    """Items in a shuffled order that is a pure function of (seed, position): each epoch is a
+    fresh permutation seeded by seed + epoch, so the position alone restores the stream exactly."""
+
+    def __init__(self, items: list, seed: int, shuffle: bool = True):
+        if not items:
+            raise ConfigError("rl.prompts: the prompt source produced no prompts")
+        self.items, self.seed, self.shuffle = items, seed, shuffle
+        self.position = 0
+        self._epoch, self._order = -1, []
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.items))
+        if epoch != self._epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._order = torch.randperm(len(self.items), generator=g).tolist()
+            else:
+                self._order = list(range(len(self.items)))
+            self._epoch = epoch
+        return self._order[offset]
+
+    def take(self, count: int) -> list:
+        out = [self.items[self._index(self.position + i)] for i in range(count)]
+        self.position += count
+        return out
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+# ------------------------------------------------------------------ JSON-safe trainer state
+
+def to_jsonable(value):
+    """Trainer/estimator state (dicts, lists, numbers, tensors) as JSON; tensors are tagged."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def from_jsonable(value):
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------ the shared run
+
+class RLRun:
+    """Policy + optimizer + checkpoints + metrics for one RL trainer; see the module docstring."""
+
+    def __init__(self, cfg: Config):
+        if cfg.rl is None:
+            raise ConfigError("rl: this recipe has no rl section (use `keel train` for pretraining/SFT)")
+        self.cfg, self.rl = cfg, cfg.rl
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.train.seed)
+        self.run_dir = Path(cfg.run.out_dir)
+        self.policy, self.tokenizer = load_policy(self.rl.policy, self.device)
+        if self.policy.config.name != cfg.model.name:
+            raise ConfigError(f"model.name: {cfg.model.name!r}, but rl.policy {self.rl.policy} is a "
+                              f"{self.policy.config.name!r} model")
+        cfg.model = self.policy.config  # the checkpoint decides the shape; saved with every checkpoint
+        cfg.model.init_from = None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, self.run_dir / "config.yaml")
+        self.tokenizer.save(self.run_dir / "tokenizer")
+        self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim,
+                                                         self.total_steps * self.updates_per_step)
+        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        self.step = 0
+        self.setup()
+        self.step = self.resume()
+        self.metrics = MetricsLogger(self.run_dir, cfg, True, self.step)
+
+    # ---------------------------------------------------------------- hooks for trainers
+    @property
+    def total_steps(self) -> int:
+        return self.rl.steps
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one train_step (the LR schedule counts updates)."""
+        return 1
+
+    @classmethod
+    def validate_config(cls, rl_cfg) -> None:
+        """A trainer's own config checks (called when a recipe is loaded)."""
+
+    def setup(self) -> None:
+        """Build what the trainer needs (engine, prompts, reference) before resume."""
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def should_evaluate(self, step: int) -> bool:
+        """Evaluate after this step (`step` counts finished steps; 0 is the starting policy)."""
+        every = getattr(self.rl, "eval_every", 0)
+        return step == 0 or step == self.total_steps or bool(every and step % every == 0)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def after_resume(self) -> None:
+        """Called once the policy holds its resumed weights (e.g. sync them to a rollout engine)."""
+
+    # ---------------------------------------------------------------- shared pieces
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision.dtype == "bf16")
+
+    def optimizer_step(self) -> dict:
+        """Clip, step, advance the LR schedule, clear grads. Skips a non-finite update."""
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        grad_norm = float(clip_grad_norm(self.policy.parameters(), max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        finite = torch.isfinite(torch.tensor(grad_norm)).item()
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "lr": lr, "update_skipped": not finite}
+
+    def save(self) -> Path:
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": 1,
+                 "rl": to_jsonable(self.state_dict())}
+        return self.ckpt.save(self.step, self.policy, self.optimizer, state,
+                              (self.run_dir / "config.yaml").read_text())
+
+    def resume(self) -> int:
+        mode = self.cfg.checkpoint.resume
+        path: Optional[Path] = None
+        if mode == "auto":
+            path = self.ckpt.latest()
+        elif mode != "never":
+            path = resolve_checkpoint(mode)
+        if path is None:
+            self.after_resume()
+            return 0
+        state = Checkpointer.load(path, self.policy, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_state_dict(from_jsonable(state.get("rl", {})))
+        self.step = state["step"]
+        print(f"keel rl: resumed from {path} (step {state['step']})", flush=True)
+        self.after_resume()
+        return state["step"]
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        progress = ProgressLine(self.total_steps, self.step, cfg.logging.progress)
+        summary: dict = {}
+        if self.step == 0 and self.should_evaluate(0):
+            baseline = self.evaluate()  # the starting policy, as step 0
+            if baseline:
+                self.metrics.log(0, baseline)
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            row = self.train_step()
+            self.step += 1
+            row["step_time_s"] = time.perf_counter() - t0
+            if self.should_evaluate(self.step):
+                row.update(self.evaluate())
+            self.metrics.log(self.step, row)
+            progress.update(self.step, row.get("loss", float("nan")), row.get("lr", 0.0),
+                            row.get("train_tokens_per_s", 0.0))
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+            summary = row
+        progress.close()
+        latest = self.ckpt.latest()
+        if latest is None or latest.name != f"step_{self.step}":  # always end on a checkpoint
+            latest = self.save()
+        summary["checkpoint"] = str(latest)
+        summary["wandb_dir"] = self.metrics.wandb_dir
+        self.metrics.close()
+        return summary

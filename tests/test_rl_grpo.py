@@ -1,0 +1,133 @@
+"""GRPO: config errors, exact resume, and a real rise in held-out accuracy on SmolLM2-135M."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import keel
+from keel.errors import ConfigError
+from tests.conftest import REPO, read_metrics
+
+RECIPE = REPO / "recipes" / "rl" / "grpo-tiny.yaml"
+GOLONGRL = REPO / "recipes" / "rl" / "golongrl-qwen3-4b.yaml"
+
+
+# ------------------------------------------------------------------ config validation
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.group_size=1", "rl.group_size: GRPO needs at least 2 rollouts per prompt"),
+    ("rl.engine=vlm", "rl.engine: unknown name 'vlm' (did you mean 'vllm'?)"),
+    ("rl.advantage=tmn_reweigh", "rl.advantage: unknown advantage estimator 'tmn_reweigh' (did you mean 'tmn_reweight'?)"),
+    ("rl.loss=ppo_clipp", "rl.loss: unknown name 'ppo_clipp' (did you mean 'ppo_clip'?)"),
+    ("rl.trainer=grp", "rl.trainer: unknown name 'grp' (did you mean 'grpo'?)"),
+    ("rl.loss_cfg.clip_hi=0.3", "rl.loss_cfg.clip_hi: not an option of loss 'ppo_clip'"),
+    ("rl.sampling.top_p=0", "rl.sampling.top_p: must be in (0, 1]"),
+    ("rl.group_siz=4", "rl.group_siz: unknown key (did you mean 'rl.group_size'?)"),
+])
+def test_bad_rl_config_is_one_clear_error(override, message):
+    with pytest.raises(ConfigError) as err:
+        keel.load_recipe(RECIPE, [override])
+    assert message in str(err.value)
+
+
+def test_recipes_validate_and_cli_exits_2():
+    golong = keel.load_recipe(GOLONGRL)
+    rl = golong.rl
+    assert (rl.prompts_per_step, rl.group_size, rl.sampling.max_tokens) == (128, 16, 16384)
+    assert (rl.loss_cfg["clip_low"], rl.loss_cfg["clip_high"], rl.loss_cfg["dual_clip"]) == (0.2, 0.28, 3.0)
+    assert (golong.optim.lr, golong.optim.warmup_steps, golong.optim.weight_decay) == (2e-6, 5, 0.1)
+    assert rl.advantage == "tmn_reweight" and rl.advantage_cfg["difficulty_smooth_alpha"] == 0.8
+    assert rl.dynamic_sampling and rl.max_gen_batches == 32 and rl.kl_coef == 0 and rl.entropy_coef == 0
+    proc = subprocess.run([sys.executable, "-m", "keel", "rl", str(RECIPE), "rl.group_size=1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "keel: error: rl.group_size: GRPO needs at least 2 rollouts per prompt, got 1"]
+
+
+# ------------------------------------------------------------------ exact resume (tiny model)
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """A small random Llama with SmolLM2's real tokenizer, as a keel checkpoint."""
+    from transformers import AutoTokenizer
+
+    from keel.data.assets import asset_path
+    from keel.model.backbone import Transformer, TransformerConfig
+    from keel.train.checkpoint import write_model_checkpoint
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(name="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    model = Transformer(cfg)
+    model.init_weights()
+    out = tmp_path_factory.mktemp("tiny_policy")
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("smollm2"))
+    write_model_checkpoint(out, cfg, model.state_dict(), tokenizer=tokenizer)
+    return out
+
+
+def _length_reward():
+    # Random tokens earn no arithmetic reward; a graded, deterministic score of the response keeps
+    # advantages non-zero so resume is checked on real updates. (Rewards are an open registry.)
+    from keel.rl.rewards import REWARDS, register_reward
+    if "test_length_mod" not in REWARDS:
+        register_reward("test_length_mod")(lambda text, item: (len(text) % 5) / 4)
+
+
+def _tiny_overrides(out_dir, policy, prompts, **extra):
+    settings = {"run.out_dir": str(out_dir), "rl.policy": str(policy), "rl.steps": 4, "rl.prompts_per_step": 3,
+                "rl.group_size": 4, "rl.sampling.max_tokens": 6, "rl.engine_batch": 5, "rl.micro_batch": 5,
+                "rl.mini_batches": 2, "rl.eval_prompts": "null", "rl.kl_coef": 0.01, "rl.entropy_coef": 0.001,
+                "rl.prompts": json.dumps({"source": "jsonl", "path": str(prompts), "reward": "test_length_mod"}),
+                "optim.lr": 1e-3, "logging.wandb": "disabled", "logging.progress": False, "checkpoint.every": 0}
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _train(overrides):
+    from keel.rl.grpo import GRPOTrainer
+    return GRPOTrainer(keel.load_recipe(RECIPE, overrides)).train()
+
+
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_policy):
+    _length_reward()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "answer": "x"}) + "\n"
+                               for w in ("the sea", "bread", "a king", "rain", "gold", "a horse", "wine")))
+    _train(_tiny_overrides(tmp_path / "full", tiny_policy, prompts))
+    _train(_tiny_overrides(tmp_path / "resumed", tiny_policy, prompts, **{"rl.steps": 2}))  # stops at step 2
+    _train(_tiny_overrides(tmp_path / "resumed", tiny_policy, prompts))  # resumes from its checkpoint
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        for key in ("reward_mean", "loss", "grad_norm", "advantage_abs_mean", "loss/kl", "entropy", "rollout_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert len({r["reward_mean"] for r in full}) > 1 and any(r["advantage_abs_mean"] > 0 for r in full)
+    w_full, w_resumed = keel.load(tmp_path / "full").state_dict(), keel.load(tmp_path / "resumed").state_dict()
+    start = keel.load(tiny_policy).state_dict()
+    assert any(not torch.equal(w_full[k], start[k]) for k in start)  # it trained
+    for name in w_full:
+        assert torch.equal(w_full[name], w_resumed[name]), name
+
+
+# ------------------------------------------------------------------ real learning (SmolLM2-135M)
+
+@pytest.mark.skipif(os.environ.get("KEEL_TEST_GRPO_RISE") != "1",
+                    reason="not yet tuned to the 4-minute CI budget; set KEEL_TEST_GRPO_RISE=1 to run it")
+def test_grpo_raises_heldout_arithmetic_accuracy(tmp_path):
+    """Real GRPO on reasoning-gym basic_arithmetic with the real SmolLM2-135M-Instruct: greedy
+    held-out accuracy and the training reward both rise by a clear margin in a few steps."""
+    overrides = [f"run.out_dir={tmp_path}", "logging.wandb=disabled", "logging.progress=false",
+                 "rl.steps=6", "rl.eval_every=6", "rl.prompts_per_step=6", "rl.group_size=6",
+                 "rl.sampling.max_tokens=12", "rl.eval_prompts.size=32", "rl.eval_max_tokens=12",
+                 "optim.lr=3e-5", "rl.system_prompt=Reply with only the result."]
+    _train(overrides)
+    rows = read_metrics(tmp_path)
+    before, after = rows[0]["eval_accuracy"], rows[-1]["eval_accuracy"]
+    first, last = rows[1]["reward_mean"], sum(r["reward_mean"] for r in rows[-2:]) / 2
+    print(f"held-out greedy accuracy {before:.3f} -> {after:.3f}; train reward {first:.3f} -> {last:.3f}")
+    assert after >= before + 0.15
+    assert last >= first + 0.1
