@@ -331,6 +331,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].path: required")
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {source.weight}")
+    from keel.model.registry import get_model_spec
+    spec = get_model_spec(cfg.model.name)
+    for dim in ("tp", "cp", "pp"):
+        if getattr(cfg.parallel, dim) > 1 and dim not in spec.model_parallel:
+            raise ConfigError(f"parallel.{dim}: the {spec.name} family does not support it yet; "
+                              f"it trains with data parallelism (parallel.dp_shard / dp_replicate)")
     if cfg.parallel.pp > 1:
         from keel.train.pipeline import validate_pipeline
         validate_pipeline(cfg.parallel, cfg.model)

@@ -41,6 +41,8 @@ class ModelSpec:
     hf_architectures: tuple = ()  # transformers architectures this family imports / exports
     description: str = ""
     tp_plan: TensorParallelPlan = TRANSFORMER_TP_PLAN  # applied to every module in model.layers
+    # Model parallelisms the family supports besides data parallelism (DDP / FSDP2 / HSDP / ZeRO).
+    model_parallel: tuple = ("tp", "cp", "pp")
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -74,6 +76,8 @@ register_model(ModelSpec("qwen3", TransformerConfig, Transformer, ("Qwen3ForCaus
 
 from keel.model.ksa import KSAConfig, KSATransformer  # noqa: E402  (after the base families)
 
-# KSA's summary projections would need their own TP styles; KSA is single-device / FSDP for now.
+# KSA's summary projections need their own TP styles, its expanded sequence its own CP split and
+# PP stages: data parallelism only for now (refused with a clear error otherwise).
 register_model(ModelSpec("ksa", KSAConfig, KSATransformer, (),
-                         "Kwai Summary Attention: summary tokens every N text tokens (PAPERS.md §1)"))
+                         "Kwai Summary Attention: summary tokens every N text tokens (PAPERS.md §1)",
+                         model_parallel=()))

@@ -29,15 +29,18 @@ def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms, biases and embeddings (1-D tensors and the embedding table).
 
-    Always the same two groups, whatever the parallel layout, so optimizer and scheduler state
-    resume in any other layout.
+    The same groups whatever the parallel layout (every pipeline stage has both kinds), so
+    optimizer and scheduler state resume in any other layout. A group with nothing to train (all
+    adapters are matrices under LoRA) is left out: torch's flattened optimizer state cannot
+    reload an empty group.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "tok_embeddings" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def mixes_dtensors(model: torch.nn.Module) -> bool:
