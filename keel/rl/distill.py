@@ -1,0 +1,369 @@
+"""On-policy distillation (OPD) from one or more teachers, and CaMOPD (PAPERS.md §7).
+
+The student samples y ~ pi_s(.|x); the teacher routed to x (by PromptItem.source) scores the same
+tokens; the student is pushed to lower the reverse KL(pi_s || pi_T). `rl.opd.signal` picks how:
+
+  sampled     (default, the paper's MOPD loss) the per-token advantage A_t = log pi_T(y_t) - log pi_s(y_t),
+              detached, in a policy gradient:  loss = -mean_t A_t log pi_s(y_t). Its gradient is the
+              reverse KL's gradient on the sampled tokens, sum_t (log pi_s - log pi_T) grad log pi_s
+              (the "-1" of d/dtheta of log pi_s has zero expectation). Discount 0: each token's
+              advantage is its own gap, as in Thinking Machines' OPD. Needs only the teacher's
+              log-prob of each sampled token, so any teacher tokenizer-compatible engine works.
+  full_vocab  the analytic reverse KL at each sampled prefix, sum_v pi_s(v) (log pi_s(v) - log pi_T(v)),
+              differentiated directly: lower variance, needs the teacher's whole next-token
+              distribution (same vocabulary).
+
+Both are token-mean over the (kept) response tokens.
+
+CaMOPD adds two things, each a pure function below:
+  - decoupled alternating schedule: n_g general-recovery steps, then 1 domain-review step, repeated;
+    a step uses only its branch's prompts and loss (`AlternatingSchedule`);
+  - gap-based selection: per sample, gap = mean_t |log pi_T(y_t) - log pi_s(y_t)|; only the top
+    `keep_fraction` of the step's samples (at least one) carry loss (`select_by_gap`).
+The keep ratio and n_g are not in the available text (PAPERS.md: "likely n_g = 3"): both are config.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+
+from keel.config import build_dataclass
+from keel.errors import ConfigError, DataError
+from keel.model.lora import LoRAConfig
+from keel.rl.grpo import GRPOTrainer
+from keel.rl.run import PromptStream, RLRun, load_policy
+from keel.rl.scoring import full_vocab_kl, response_logprobs
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class CaMOPDConfig:
+    n_general: int = 3  # general-recovery steps before each domain-review step
+    keep_fraction: float = 0.5  # share of each step's samples kept by teacher-student gap; 1: all
+    domain_prompts: dict = field(default_factory=dict)  # prompt source of the domain branch
+    general_teacher: str = "general"
+    domain_teacher: str = "domain"
+
+
+@dataclass
+class OPDConfig:
+    # teacher name -> model (`smollm2`, an HF folder / .gguf, or a keel run / checkpoint), frozen.
+    teachers: dict = field(default_factory=lambda: {"general": "smollm2"})
+    routes: dict = field(default_factory=dict)  # PromptItem.source -> teacher name
+    default_teacher: Optional[str] = None  # for sources without a route; None: unrouted is an error
+    signal: Literal["sampled", "full_vocab"] = "sampled"
+    camopd: Optional[CaMOPDConfig] = None  # None: plain (multi-teacher) OPD
+    lora: Optional[LoRAConfig] = None  # train adapters only
+
+
+def build_opd_config(raw) -> OPDConfig:
+    cfg = raw if isinstance(raw, OPDConfig) else build_dataclass(OPDConfig, raw or {}, "rl.opd")
+    if not cfg.teachers:
+        raise ConfigError("rl.opd.teachers: at least one teacher (name: model path or `smollm2`)")
+    for name, spec in cfg.teachers.items():
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"rl.opd.teachers.{name}: expected a model path or `smollm2`, got {spec!r}")
+    named = sorted(cfg.teachers)
+    for source, teacher in cfg.routes.items():
+        if teacher not in cfg.teachers:
+            raise ConfigError(f"rl.opd.routes.{source}: unknown teacher {teacher!r}; expected one of {named}")
+    if cfg.default_teacher is not None and cfg.default_teacher not in cfg.teachers:
+        raise ConfigError(f"rl.opd.default_teacher: unknown teacher {cfg.default_teacher!r}; expected one of {named}")
+    if cfg.camopd is not None:
+        c = cfg.camopd
+        if c.n_general < 1:
+            raise ConfigError(f"rl.opd.camopd.n_general: must be >= 1, got {c.n_general}")
+        if not 0.0 < c.keep_fraction <= 1.0:
+            raise ConfigError(f"rl.opd.camopd.keep_fraction: must be in (0, 1], got {c.keep_fraction}")
+        if not c.domain_prompts:
+            raise ConfigError("rl.opd.camopd.domain_prompts: required (the prompt source of the domain branch)")
+        for key in ("general_teacher", "domain_teacher"):
+            if getattr(c, key) not in cfg.teachers:
+                raise ConfigError(f"rl.opd.camopd.{key}: unknown teacher {getattr(c, key)!r}; expected one of {named}")
+    if cfg.lora is not None:
+        cfg.lora.validate("rl.opd.lora")
+    return cfg
+
+
+# ---------------------------------------------------------------- routing and CaMOPD pieces
+def route_teachers(sources: Sequence[str], routes: dict, default: Optional[str]) -> list[str]:
+    """The teacher name of each sample, by its prompt's source."""
+    out = []
+    for source in sources:
+        teacher = routes.get(source, default)
+        if teacher is None:
+            raise DataError(f"prompt source {source!r} has no teacher: add it to rl.opd.routes "
+                            f"(routed sources: {sorted(routes)}) or set rl.opd.default_teacher")
+        out.append(teacher)
+    return out
+
+
+@dataclass(frozen=True)
+class AlternatingSchedule:
+    """CaMOPD's decoupled schedule: steps 0..n_g-1 general, step n_g domain, then again. A pure
+    function of the step, so a resumed run continues the cycle exactly where it stopped."""
+    n_general: int
+
+    def branch(self, step: int) -> str:
+        return "domain" if step % (self.n_general + 1) == self.n_general else "general"
+
+
+def gap_scores(student_logps: torch.Tensor, teacher_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample [B]: mean over its response tokens of |log pi_T(y_t) - log pi_s(y_t)|."""
+    gap = (teacher_logps - student_logps).abs() * mask
+    return gap.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def select_by_gap(scores: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Indices (ascending) of the ceil(keep_fraction * B) highest-gap samples, at least one.
+    Ties keep the earlier sample, so the choice is deterministic."""
+    keep = max(1, math.ceil(keep_fraction * scores.numel() - 1e-9))
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+
+
+# ---------------------------------------------------------------- the signals
+def reverse_kl_advantages(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """Per-token advantage -(log pi_s - log pi_T) on response tokens, 0 elsewhere, no gradient."""
+    return ((teacher_logps - student_logps) * mask).detach()
+
+
+def sampled_signal(student_logps, teacher_logps, mask, student_full=None, teacher_full=None) -> torch.Tensor:
+    advantages = reverse_kl_advantages(student_logps, teacher_logps, mask)
+    return -(advantages * student_logps)[mask.bool()]
+
+
+def full_vocab_signal(student_logps, teacher_logps, mask, student_full=None, teacher_full=None) -> torch.Tensor:
+    # The [N, V] rows are the response tokens in row-major order, as mask.bool() selects them.
+    return full_vocab_kl(student_full, teacher_full)
+
+
+# rl.opd.signal -> (student token logps [B, L], teacher token logps [B, L], response mask [B, L],
+#                   student log-softmax [N, V] | None, teacher's | None) -> per-token loss [N]
+# (N = response tokens, row-major). Callers sum and divide by the step's token count: token-mean.
+OPD_SIGNALS: dict[str, Callable] = {"sampled": sampled_signal, "full_vocab": full_vocab_signal}
+NEEDS_FULL_VOCAB = {"full_vocab"}
+
+
+# ---------------------------------------------------------------- batches of student samples
+@dataclass
+class DistillBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + sampled response, right-padded
+    response_mask: torch.Tensor  # [B, L] bool
+    teachers: list[str]  # the routed teacher of each row
+
+    def rows(self, index: Sequence[int]) -> "DistillBatch":
+        idx = torch.tensor(list(index), dtype=torch.long)
+        return DistillBatch(self.input_ids[idx], self.response_mask[idx], [self.teachers[i] for i in index])
+
+
+def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], teachers: list[str],
+                  pad_id: int) -> DistillBatch:
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        mask[i, len(p):len(p) + len(r)] = True
+    return DistillBatch(ids, mask, list(teachers))
+
+
+@torch.no_grad()
+def teacher_scores(teachers: dict, batch: DistillBatch, full: bool = False):
+    """Teacher token logps [B, L] (each row under its own routed teacher) and, with `full`, the
+    teachers' log-softmax rows [N, V] in the batch's row-major token order."""
+    token_logps = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
+    full_rows: list = [None] * len(batch.teachers)
+    for name in sorted(set(batch.teachers)):
+        rows = [i for i, t in enumerate(batch.teachers) if t == name]
+        sub = batch.rows(rows)
+        lp, lp_full = response_logprobs(teachers[name], sub.input_ids, sub.response_mask, full)
+        token_logps[torch.tensor(rows)] = lp.float()
+        if full:
+            for row, chunk in zip(rows, lp_full.split(sub.response_mask.sum(-1).tolist())):
+                full_rows[row] = chunk
+    return token_logps, (torch.cat(full_rows) if full else None)
+
+
+def distill_loss_sum(student: torch.nn.Module, teachers: dict, batch: DistillBatch, signal: str,
+                     teacher_logps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """Sum over the batch's response tokens of the signal's per-token loss (the caller divides by
+    the step's token count), and sums for the metrics."""
+    full = signal in NEEDS_FULL_VOCAB
+    student_logps, student_full = response_logprobs(student, batch.input_ids, batch.response_mask, full)
+    teacher_full = None
+    if teacher_logps is None or full:
+        teacher_logps, teacher_full = teacher_scores(teachers, batch, full)
+    mask = batch.response_mask.float()
+    per_token = OPD_SIGNALS[signal](student_logps, teacher_logps, mask, student_full, teacher_full)
+    gap = (student_logps.detach() - teacher_logps)[batch.response_mask]
+    sums = {"reverse_kl_sampled": gap.sum().item(), "tokens": int(mask.sum())}
+    if full:
+        sums["reverse_kl_full"] = full_vocab_kl(student_full.detach(), teacher_full).sum().item()
+    return per_token.sum(), sums
+
+
+# ---------------------------------------------------------------- the trainer (`keel rl`, rl.trainer: opd)
+
+
+class OPDTrainer(RLRun):
+    """Each step: [CaMOPD: pick the branch] -> prompts_per_step prompts -> group_size student samples
+    each (rollout engine) -> teachers score them (routed by source) -> [CaMOPD: keep the high-gap
+    samples] -> distillation loss in micro-batches of rl.micro_batch sequences -> one optimizer
+    step -> weights to the engine. Every draw is a function of (train.seed, step): resume is exact."""
+
+    _stop_ids = GRPOTrainer._stop_ids
+    encode_prompt = GRPOTrainer.encode_prompt
+
+    @classmethod
+    def validate_config(cls, rl) -> None:
+        if not rl.prompts:
+            raise ConfigError("rl.prompts: required, a prompt source (for CaMOPD: the general prompts)")
+        build_opd_config(rl.opd)
+
+    def setup(self) -> None:
+        from keel.model.lora import adapter_optimizer, apply_lora
+        from keel.rl.engines import build_engine
+        from keel.rl.prompts import load_prompts
+
+        rl, seed = self.rl, self.cfg.train.seed
+        self.opd = build_opd_config(rl.opd)
+        self.camopd = self.opd.camopd
+        self.schedule = AlternatingSchedule(self.camopd.n_general) if self.camopd else None
+        self.stop_ids, self._encoded = self._stop_ids(), {}
+        self.engine = build_engine(rl.engine, self.policy, rl)  # a plain copy: LoRA is merged on sync
+        if self.opd.lora is not None:
+            apply_lora(self.policy, self.opd.lora, "rl.opd.lora")
+            self.optimizer, self.scheduler = adapter_optimizer(self.policy, self.cfg.optim,
+                                                                self.total_steps * self.updates_per_step)
+        self.teachers = {name: self._load_teacher(name, spec) for name, spec in self.opd.teachers.items()}
+        self.prompts = PromptStream(load_prompts(rl.prompts), seed)
+        self.domain_prompts = None
+        if self.camopd:
+            self.domain_prompts = PromptStream(load_prompts(self.camopd.domain_prompts,
+                                                            key="rl.opd.camopd.domain_prompts"), seed + 1)
+        self.eval_items = load_prompts(rl.eval_prompts, key="rl.eval_prompts") if rl.eval_prompts else []
+
+    def _load_teacher(self, name: str, spec: str) -> torch.nn.Module:
+        model, tokenizer = load_policy(spec, self.device)
+        if tokenizer.hf.get_vocab() != self.tokenizer.hf.get_vocab():
+            raise ConfigError(f"rl.opd.teachers.{name}: {spec} has another tokenizer than rl.policy; "
+                              "teachers must score the student's tokens")
+        return model.eval().requires_grad_(False)
+
+    def _teacher_of(self, sources: list[str], branch: str) -> list[str]:
+        default = self.opd.default_teacher
+        if self.camopd:  # an unrouted prompt goes to its branch's teacher
+            default = self.camopd.domain_teacher if branch == "domain" else self.camopd.general_teacher
+        elif default is None and len(self.teachers) == 1:
+            default = next(iter(self.teachers))
+        return route_teachers(sources, self.opd.routes, default)
+
+    def _sample(self, items, branch: str, seed: int):
+        """(DistillBatch on the device, the engine's logprobs [B, L], rollouts)."""
+        from keel.rl.engines import SamplingParams
+
+        s = self.rl.sampling
+        prompt_ids = [self.encode_prompt(it.prompt) for it in items]
+        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                stop_ids=self.stop_ids, n=self.rl.group_size, seed=seed)
+        rollouts = self.engine.generate(prompt_ids, params)
+        teachers = self._teacher_of([items[r.prompt_index].source for r in rollouts], branch)
+        batch = pack_rollouts([prompt_ids[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts],
+                              teachers, self.tokenizer.pad_id)
+        engine_logps = torch.zeros(batch.input_ids.shape)
+        engine_logps[batch.response_mask] = torch.tensor([lp for r in rollouts for lp in r.logprobs])
+        batch.input_ids, batch.response_mask = batch.input_ids.to(self.device), batch.response_mask.to(self.device)
+        return batch, engine_logps.to(self.device), rollouts
+
+    def train_step(self) -> dict:
+        rl = self.rl
+        branch = self.schedule.branch(self.step) if self.schedule else "general"
+        stream = self.domain_prompts if branch == "domain" else self.prompts
+        t0 = time.perf_counter()
+        batch, engine_logps, rollouts = self._sample(stream.take(rl.prompts_per_step), branch,
+                                                     (self.cfg.train.seed * 1_000_003 + self.step) * 97)
+        rollout_s = time.perf_counter() - t0
+        teacher_logps, _ = teacher_scores(self.teachers, batch)
+        keep = self.camopd.keep_fraction if self.camopd else 1.0
+        if rl.sampling.temperature == 1.0:  # the engine's log-probs are the student's own
+            student_logps = engine_logps
+        else:
+            with torch.no_grad():
+                student_logps, _ = response_logprobs(self.policy, batch.input_ids, batch.response_mask)
+        mask = batch.response_mask.float()
+        scores = gap_scores(student_logps, teacher_logps, mask)
+        kept = select_by_gap(scores.cpu(), keep).tolist()
+        kept_batch, kept_teacher = batch.rows(kept), teacher_logps[torch.tensor(kept, device=self.device)]
+        total_tokens = max(int(kept_batch.response_mask.sum()), 1)
+        self.policy.train()
+        loss_total, sums = 0.0, {}
+        for start in range(0, len(kept), rl.micro_batch):
+            part = range(start, min(start + rl.micro_batch, len(kept)))
+            with self.autocast():
+                loss_sum, part_sums = distill_loss_sum(self.policy, self.teachers, kept_batch.rows(part),
+                                                       self.opd.signal, kept_teacher[torch.tensor(list(part))])
+            (loss_sum / total_tokens).backward()
+            loss_total += loss_sum.item() / total_tokens
+            for key, value in part_sums.items():
+                sums[key] = sums.get(key, 0) + value
+        gap = (student_logps - teacher_logps) * mask
+        row = {"loss": loss_total, "domain_step": float(branch == "domain"),
+               "reverse_kl_sampled": (gap.sum() / mask.sum().clamp(min=1)).item(),
+               "gap_mean": scores.mean().item(), "gap_kept": scores[kept].mean().item(),
+               "kept_fraction": len(kept) / len(scores), "trained_tokens": total_tokens,
+               "response_len_mean": mask.sum().item() / len(rollouts),
+               "rollout_tokens_per_s": mask.sum().item() / max(rollout_s, 1e-9)}
+        if "reverse_kl_full" in sums:
+            row["reverse_kl_full_kept"] = sums["reverse_kl_full"] / total_tokens
+        for name in sorted(set(batch.teachers)):
+            rows = torch.tensor([t == name for t in batch.teachers], device=self.device)[:, None] * mask
+            row[f"reverse_kl_sampled/{name}"] = ((gap * rows).sum() / rows.sum().clamp(min=1)).item()
+        row.update(self.optimizer_step())
+        row["sync_s"] = self.sync_weights()
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Reverse KL to the routed teachers on the held-out prompts' student samples (a fixed seed,
+        so evaluations are comparable): exact over the vocabulary at each sampled prefix, and the
+        sampled-token estimate."""
+        if not self.eval_items:
+            return {}
+        self.policy.eval()
+        batch, _, _ = self._sample(self.eval_items, "general", seed=self.cfg.train.seed + 12345)
+        student, student_full = response_logprobs(self.policy, batch.input_ids, batch.response_mask, True)
+        teacher, teacher_full = teacher_scores(self.teachers, batch, True)
+        tokens = batch.response_mask.sum().clamp(min=1)
+        return {"eval_reverse_kl": (full_vocab_kl(student_full, teacher_full).sum() / tokens).item(),
+                "eval_reverse_kl_sampled": ((student - teacher)[batch.response_mask].sum() / tokens).item()}
+
+    def sync_weights(self) -> float:
+        from keel.model.lora import has_lora, merged_state_dict
+
+        t0 = time.perf_counter()
+        named = merged_state_dict(self.policy).items() if has_lora(self.policy) else \
+            ((n, p.detach()) for n, p in self.policy.named_parameters())
+        self.engine.update_weights(named, self.step)
+        return time.perf_counter() - t0
+
+    def after_resume(self) -> None:
+        self.sync_weights()
+
+    def state_dict(self) -> dict:
+        state = {"prompts": self.prompts.state_dict()}
+        if self.domain_prompts is not None:
+            state["domain_prompts"] = self.domain_prompts.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.prompts.load_state_dict(state["prompts"])
+            if self.domain_prompts is not None:
+                self.domain_prompts.load_state_dict(state["domain_prompts"])

@@ -1,0 +1,164 @@
+"""Preference pairs for DPO: read from jsonl, or built from real text, and tokenised into batches.
+
+A pairs file holds one JSON object per line: {"prompt": str, "chosen": str, "rejected": str}, plus
+optionally the reference model's summed response log-probabilities `ref_chosen_logp` and
+`ref_rejected_logp` (written by the DPO trainer when `rl.dpo.reference: cached`, so the reference
+runs once, not every step). The responses are continuations: a sequence is the prompt's tokens
+followed by the response's tokens, and only response tokens are scored.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from keel.errors import DataError
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    ref_chosen_logp: Optional[float] = None
+    ref_rejected_logp: Optional[float] = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logp is not None and self.ref_rejected_logp is not None
+
+
+def _pair_from_json(obj, where: str) -> PreferencePair:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with prompt, chosen and rejected")
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj.get(key), str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {obj.get(key)!r}")
+    if not obj["chosen"] or not obj["rejected"]:
+        raise DataError(f"{where}: chosen and rejected must be non-empty")
+    refs = {}
+    for key in ("ref_chosen_logp", "ref_rejected_logp"):
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DataError(f"{where}: field {key!r} must be a number, got {value!r}")
+        refs[key] = None if value is None else float(value)
+    return PreferencePair(obj["prompt"], obj["chosen"], obj["rejected"], **refs)
+
+
+def load_pairs(path) -> list[PreferencePair]:
+    """Every pair of a jsonl file; a malformed line is a DataError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: preference pairs file not found (expected jsonl with prompt, chosen, rejected)")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        pairs.append(_pair_from_json(obj, f"{path}:{number}"))
+    if not pairs:
+        raise DataError(f"{path}: holds no preference pairs")
+    return pairs
+
+
+def save_pairs(pairs: Sequence[PreferencePair], path) -> Path:
+    """Write pairs as jsonl (atomically: a crash never leaves half a file behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for pair in pairs:
+            row = {k: v for k, v in asdict(pair).items() if v is not None}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _document_words(files: Sequence[Path], min_words: int) -> list[list[str]]:
+    docs = [Path(f).read_text(errors="replace").split() for f in files]
+    docs = [d for d in docs if len(d) >= min_words]
+    if len(docs) < 2:
+        raise DataError(f"{len(docs)} document(s) with at least {min_words} words among {len(files)} files; "
+                        "pairs need two documents or more")
+    return docs
+
+
+def pairs_from_documents(files: Sequence[Path], n_pairs: int, prompt_words: int = 24, response_words: int = 12,
+                         rejected: str = "other_document", seed: int = 0) -> list[PreferencePair]:
+    """Pairs from real text: the prompt is a window of a document, `chosen` its true continuation.
+
+    rejected = "other_document": an equally long window from a different document (fluent text that
+    does not follow the prompt); "shuffled": the true continuation's words in a shuffled order.
+    """
+    if rejected not in ("other_document", "shuffled"):
+        raise DataError(f"rejected: expected 'other_document' or 'shuffled', got {rejected!r}")
+    rng = random.Random(seed)
+    need = prompt_words + response_words
+    docs = _document_words(files, need)
+    pairs = []
+    while len(pairs) < n_pairs:
+        d = rng.randrange(len(docs))
+        start = rng.randrange(len(docs[d]) - need + 1)
+        words = docs[d][start:start + need]
+        prompt, chosen = words[:prompt_words], words[prompt_words:]
+        if rejected == "shuffled":
+            bad = list(chosen)
+            rng.shuffle(bad)
+            if bad == chosen:  # e.g. repeated words: no preference to learn
+                continue
+        else:
+            other = rng.choice([i for i in range(len(docs)) if i != d])
+            at = rng.randrange(len(docs[other]) - response_words + 1)
+            bad = docs[other][at:at + response_words]
+        # The leading space keeps a continuation's first word tokenised as it is mid-sentence.
+        pairs.append(PreferencePair(" ".join(prompt), " " + " ".join(chosen), " " + " ".join(bad)))
+    return pairs
+
+
+@dataclass
+class PairBatch:
+    """2B right-padded sequences: rows [0, B) prompt+chosen, rows [B, 2B) prompt+rejected."""
+    input_ids: torch.Tensor  # [2B, L]
+    response_mask: torch.Tensor  # [2B, L] bool: True where the token is a response token
+    ref_logps: Optional[torch.Tensor]  # [2B] cached reference sums, when every pair has them
+
+    @property
+    def n_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+
+def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_prompt_tokens: int = 1024,
+                   max_response_tokens: int = 1024) -> PairBatch:
+    """Token ids of every (prompt + chosen) and (prompt + rejected). Prompts keep their last
+    `max_prompt_tokens` tokens (the end is what the continuation follows), responses their first."""
+    pad = tokenizer.pad_id
+    rows, masks = [], []
+    for field_name in ("chosen", "rejected"):
+        for pair in pairs:
+            prompt = tokenizer.encode(pair.prompt)[-max_prompt_tokens:] if pair.prompt else []
+            if tokenizer.bos_id is not None and not prompt:
+                prompt = [tokenizer.bos_id]  # the first response token needs something to follow
+            response = tokenizer.encode(getattr(pair, field_name))[:max_response_tokens]
+            if not prompt or not response:
+                raise DataError(f"pair {pair.prompt[:40]!r}: prompt and {field_name} must both tokenise to "
+                                "at least one token")
+            rows.append(prompt + response)
+            masks.append([False] * len(prompt) + [True] * len(response))
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (row, m) in enumerate(zip(rows, masks)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(m)] = torch.tensor(m)
+    ref = None
+    if pairs and all(p.has_reference for p in pairs):
+        ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs],
+                           dtype=torch.float32)
+    return PairBatch(ids, mask, ref)
