@@ -8,6 +8,7 @@ generation_config.json and the tokenizer files, into a temporary folder renamed 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -309,6 +310,10 @@ def import_hf(src: Union[str, Path], out: Union[str, Path]) -> Path:
     return path
 
 
+# Families whose HF export is their own "module:function" (cfg, state_dict, out, tokenizer_dir, bos_id, eos_id).
+FAMILY_EXPORTERS = {"ksa": "keel.model.ksa_hf:save_ksa_hf"}
+
+
 def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
     """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM."""
     from keel.train.checkpoint import load_model_checkpoint
@@ -318,7 +323,11 @@ def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
-    path = save_hf(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
-    arch = keel_to_hf_config(cfg).architectures[0]
+    if cfg.name in FAMILY_EXPORTERS:  # a family with its own HF layout (remote code)
+        module, _, fn = FAMILY_EXPORTERS[cfg.name].partition(":")
+        save, arch = getattr(importlib.import_module(module), fn), f"{cfg.name} remote code"
+    else:
+        save, arch = save_hf, keel_to_hf_config(cfg).architectures[0]
+    path = save(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
     print(f"keel export: {ckpt} -> {path} ({arch}, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M params)")
     return path

@@ -67,13 +67,16 @@ def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
 
     The AdamW groups come first, so group 0's lr (the one the trainer logs) is still optim.lr.
     """
+    from keel.train.optim import no_decay_ids
+
+    exempt = no_decay_ids(model)
     muon, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if is_hidden_matrix(name, param):
             muon.append(param)
-        elif param.ndim < 2 or "tok_embeddings" in name:
+        elif id(param) in exempt:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -1,0 +1,116 @@
+"""Hugging Face export of KSA checkpoints: a transformers remote-code model folder.
+
+`keel export hf` dispatches here for `model.name: ksa` (keel/model/hf.py). The folder holds
+model.safetensors, config.json (architectures ["KSAForCausalLM"], auto_map to the remote code),
+generation_config.json, the tokenizer files and keel/model/ksa_remote/modeling_ksa.py, so
+
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+loads it with transformers alone. Tensor names follow Llama/Qwen3's (model.layers.{i}.self_attn.q_proj
+...); summary parameters add `_summary` to their module as the reference does (q_proj_summary,
+model.summary_embedding, and the optional private copies input_layernorm_summary, mlp_summary, ...).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from keel.errors import CheckpointError
+from keel.model.ksa import KSAConfig
+
+REMOTE_DIR = Path(__file__).resolve().parent / "ksa_remote"
+REMOTE_FILES = ("modeling_ksa.py",)
+ARCHITECTURE = "KSAForCausalLM"
+AUTO_MAP = {"AutoConfig": "modeling_ksa.KSAConfig", "AutoModelForCausalLM": "modeling_ksa.KSAForCausalLM"}
+
+# keel module path -> HF module path; `(_summary)?` carries over, so each rule covers the private copy.
+_LAYER_MODULES = (
+    (r"attention\.wq", "self_attn.q_proj"), (r"attention\.wk", "self_attn.k_proj"),
+    (r"attention\.wv", "self_attn.v_proj"), (r"attention\.wo", "self_attn.o_proj"),
+    (r"attention\.q_norm", "self_attn.q_norm"), (r"attention\.k_norm", "self_attn.k_norm"),
+    (r"attention_norm", "input_layernorm"), (r"ffn_norm", "post_attention_layernorm"),
+)
+_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight",
+        "summary_embedding.weight": "model.summary_embedding.weight",
+        "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """The export's tensor name for a keel KSA state-dict key."""
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        layer, module, kind = m.groups()
+        for keel_mod, hf_mod in _LAYER_MODULES:
+            sm = re.fullmatch(keel_mod + r"(_summary)?", module)
+            if sm:
+                return f"model.layers.{layer}.{hf_mod}{sm.group(1) or ''}.{kind}"
+        sm = re.fullmatch(r"feed_forward(_summary)?\.(w[123])", module)
+        if sm:
+            return f"model.layers.{layer}.mlp{sm.group(1) or ''}.{_MLP[sm.group(2)]}.{kind}"
+    raise CheckpointError(f"KSA export: no Hugging Face name for tensor {name!r}")
+
+
+def hf_config_dict(cfg: KSAConfig, bos_id: Optional[int], eos_id: Optional[int], dtype) -> dict:
+    s = cfg.rope_scaling
+    rope = {"type": s.type, "theta": float(cfg.rope_theta), "factor": float(s.factor),
+            "low_freq_factor": float(s.low_freq_factor), "high_freq_factor": float(s.high_freq_factor),
+            "original_max_seq_len": int(s.original_max_seq_len)}
+    return {
+        "architectures": [ARCHITECTURE], "auto_map": AUTO_MAP, "model_type": "keel_ksa",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "qk_norm": cfg.qk_norm, "attention_bias": cfg.qkv_bias,
+        "tie_word_embeddings": cfg.tie_embeddings, "ksa_rope": rope,
+        "chunk_size": cfg.chunk_size, "summary_tokens": cfg.summary_tokens, "skip_old_summary": cfg.skip_old_summary,
+        "ksa_layer_kinds": [cfg.layer_kind(i) for i in range(cfg.n_layers)],
+        "ksa_layer_windows": [cfg.layer_window(i) for i in range(cfg.n_layers)],
+        "summary_private": list(cfg.summary_private), "bos_token_id": bos_id, "eos_token_id": eos_id,
+        # transformers 5 reads `dtype`, older readers (and some vLLM versions) `torch_dtype`.
+        "use_cache": False, "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_ksa_hf(cfg: KSAConfig, state_dict: dict, out, tokenizer_dir: Optional[Path] = None,
+                bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
+    """Write the remote-code HF folder at `out` (built beside it, then renamed into place)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from keel.model.hf import _NOT_TOKENIZER, _tensors_for_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
+    named = {hf_name(k): v for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "output.weight")}
+    tensors, dtype = _tensors_for_file(named)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf_config_dict(cfg, bos_id, eos_id, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
+        for name in REMOTE_FILES:
+            shutil.copy2(REMOTE_DIR / name, tmp / name)
+        if tokenizer_dir is not None:
+            for f in sorted(Path(tokenizer_dir).iterdir()):
+                if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
+                    shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
