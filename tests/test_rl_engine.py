@@ -83,6 +83,30 @@ def test_update_weights_changes_rollouts_and_checks_names():
         engine.update_weights(list(other.named_parameters())[:3], version=3)
 
 
+def test_cpu_decode_threads_are_set_for_the_decode_only():
+    """The engine decodes with its own cpu_threads (1 by default: small decode matmuls stall on
+    OpenMP barriers when cores are shared), restores torch's setting afterwards, and its
+    rollouts equal those decoded under torch's own thread count."""
+    model, prompts = _tiny_model(2), _prompts(6, seed=9)
+    params = SamplingParams(max_tokens=10, temperature=1.0, n=2, seed=4)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pinned = NativeEngine(model, max_batch=4).generate(prompts, params)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        inherited = NativeEngine(model, max_batch=4, cpu_threads=0).generate(prompts, params)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    assert [r.tokens for r in pinned] == [r.tokens for r in inherited]
+    for a, b in zip(pinned, inherited):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+
 def test_missing_vllm_names_the_extra():
     try:
         import vllm  # noqa: F401

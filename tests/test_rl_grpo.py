@@ -87,19 +87,38 @@ def _tiny_overrides(out_dir, policy, prompts, **extra):
     return [f"{k}={v}" for k, v in settings.items()]
 
 
+# Runs one GRPO recipe in a fresh process, with the test's length reward registered.
+_KILLED_RUN = """
+import sys
+import keel
+from keel.rl.grpo import GRPOTrainer
+from keel.rl.rewards import register_reward
+register_reward("test_length_mod")(lambda text, item: (len(text) % 5) / 4)
+GRPOTrainer(keel.load_recipe(sys.argv[1], sys.argv[2:])).train()
+"""
+
+
 def _train(overrides):
     from keel.rl.grpo import GRPOTrainer
     return GRPOTrainer(keel.load_recipe(RECIPE, overrides)).train()
 
 
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_policy):
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_policy):
+    """SIGKILL midway through step 3 (gradients computed, update not applied), resume from the
+    step-2 checkpoint: rewards, losses, grad norms and the final weights equal an uninterrupted run."""
     _length_reward()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "answer": "x"}) + "\n"
                                for w in ("the sea", "bread", "a king", "rain", "gold", "a horse", "wine")))
     _train(_tiny_overrides(tmp_path / "full", tiny_policy, prompts))
-    _train(_tiny_overrides(tmp_path / "resumed", tiny_policy, prompts, **{"rl.steps": 2}))  # stops at step 2
-    _train(_tiny_overrides(tmp_path / "resumed", tiny_policy, prompts))  # resumes from its checkpoint
+    # The killed half runs in its own process (SIGKILL takes the whole process down), checkpointing
+    # every step; the resumed half runs here and picks up its newest checkpoint.
+    killed = _tiny_overrides(tmp_path / "resumed", tiny_policy, prompts, **{"checkpoint.every": 1})
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(RECIPE), *killed], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "KEEL_FAULT_KILL_AT_STEP": "3"})
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, not a clean stop
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2]
+    _train(killed)  # resumes from step_2 (checkpoint.resume: auto)
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full, resumed):
@@ -115,19 +134,15 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, tiny_policy):
 
 # ------------------------------------------------------------------ real learning (SmolLM2-135M)
 
-@pytest.mark.skipif(os.environ.get("KEEL_TEST_GRPO_RISE") != "1",
-                    reason="not yet tuned to the 4-minute CI budget; set KEEL_TEST_GRPO_RISE=1 to run it")
 def test_grpo_raises_heldout_arithmetic_accuracy(tmp_path):
-    """Real GRPO on reasoning-gym basic_arithmetic with the real SmolLM2-135M-Instruct: greedy
-    held-out accuracy and the training reward both rise by a clear margin in a few steps."""
-    overrides = [f"run.out_dir={tmp_path}", "logging.wandb=disabled", "logging.progress=false",
-                 "rl.steps=6", "rl.eval_every=6", "rl.prompts_per_step=6", "rl.group_size=6",
-                 "rl.sampling.max_tokens=12", "rl.eval_prompts.size=32", "rl.eval_max_tokens=12",
-                 "optim.lr=3e-5", "rl.system_prompt=Reply with only the result."]
-    _train(overrides)
+    """Real GRPO on reasoning-gym basic_arithmetic with the real SmolLM2-135M-Instruct, as the recipe
+    sets it up (8 prompts x 8 rollouts, 10 tokens, lr 1e-5): after 6 steps, greedy accuracy on 64
+    held-out prompts rises far beyond the noise of a 64-prompt set (~0.04 at the ~0.08 baseline)."""
+    _train([f"run.out_dir={tmp_path}", "logging.wandb=disabled", "logging.progress=false", "rl.steps=6",
+            "rl.eval_every=0"])
     rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     before, after = rows[0]["eval_accuracy"], rows[-1]["eval_accuracy"]
-    first, last = rows[1]["reward_mean"], sum(r["reward_mean"] for r in rows[-2:]) / 2
-    print(f"held-out greedy accuracy {before:.3f} -> {after:.3f}; train reward {first:.3f} -> {last:.3f}")
+    print(f"held-out greedy accuracy {before:.3f} -> {after:.3f}; train reward by step "
+          f"{[round(r['reward_mean'], 3) for r in rows[1:]]}")
     assert after >= before + 0.15
-    assert last >= first + 0.1

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from keel.config import Config, save_resolved
 from keel.errors import ConfigError
+from keel.train import faults
 from keel.train.checkpoint import COMPLETE, Checkpointer, load_model, resolve_checkpoint, tokenizer_dir_of
 from keel.train.metrics import MetricsLogger, ProgressLine
 from keel.train.optim import build_optimizer, clip_grad_norm
@@ -242,6 +243,9 @@ class RLRun:
 
     def optimizer_step(self) -> dict:
         """Clip, step, advance the LR schedule, clear grads. Skips a non-finite update."""
+        # Fault injection (tests): KEEL_FAULT_KILL_AT_STEP=N SIGKILLs the process here, midway
+        # through step N (its gradients computed, its update not applied), as keel/train does.
+        faults.inject_kill(self.step + 1, 0)
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = float(clip_grad_norm(self.policy.parameters(), max_norm))
         lr = self.scheduler.get_last_lr()[0]
