@@ -130,7 +130,7 @@ def test_vllm_engine_matches_native_on_smollm2():
     rl.sampling.max_tokens = 12
     rl.vllm.dtype = "float32"
     rl.vllm.enforce_eager = True
-    rl.vllm.bucket_mb = 64  # several buckets for a 135M model
+    rl.vllm.gpu_memory_utilization = 0.3  # on CPU: the share of RAM vLLM reserves
     vllm_engine = ENGINES["vllm"](policy, rl)
     native = ENGINES["native"](policy, rl)
     prompts = [tokenizer.encode(t) for t in ("The capital of France is", "1 + 1 =", "Once upon a time")]

@@ -32,7 +32,7 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     sleep: bool = True  # free vLLM's weights + KV cache while the trainer runs (enable_sleep_mode)
-    bucket_mb: int = 512  # weights pushed to vLLM in buckets of about this many MiB
+    bucket_mb: int = 512  # tensor_parallel_size > 1: weights pushed to vLLM's workers in buckets of this many MiB
     max_model_len: int = 0  # 0: prompt + response budget of this recipe
 
 

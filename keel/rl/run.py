@@ -302,10 +302,7 @@ class RLRun:
                 self.save()
             summary = row
         progress.close()
-        latest = self.ckpt.latest()
-        if latest is None or latest.name != f"step_{self.step}":  # always end on a checkpoint
-            latest = self.save()
-        summary["checkpoint"] = str(latest)
+        summary["checkpoint"] = str(self.ckpt.final(self.step, self.save))  # always end on a checkpoint
         summary["wandb_dir"] = self.metrics.wandb_dir
         self.metrics.close()
         return summary

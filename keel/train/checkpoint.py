@@ -154,6 +154,11 @@ class Checkpointer:
         found = committed_checkpoints(self.root)
         return found[-1][1] if found else None
 
+    def final(self, step: int, save) -> Path:
+        """The checkpoint a run ends on: step `step`'s, written by `save()` unless it is the newest."""
+        latest = self.latest()
+        return latest if latest is not None and latest.name == f"step_{step}" else save()
+
     @staticmethod
     def load(path: Path, model, optimizer) -> dict:
         """Load model + optimizer + this rank's RNG from a committed checkpoint; return trainer.json."""

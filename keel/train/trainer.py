@@ -240,10 +240,7 @@ class Trainer:
         progress.close()
         if not summary:  # resumed at the last step: nothing left to train, evaluate what is there
             summary = {"loss": float("nan"), **self.evaluate()}
-        latest = self.ckpt.latest()
-        if latest is None or latest.name != f"step_{self.step}":  # always end on a checkpoint
-            latest = self.save()
-        summary["checkpoint"] = str(latest)
+        summary["checkpoint"] = str(self.ckpt.final(self.step, self.save))  # always end on a checkpoint
         summary["wandb_dir"] = self.metrics.wandb_dir
         self.metrics.close()
         return guard.finish(summary)  # a preempted run: summary["preempted"], requeue marker

