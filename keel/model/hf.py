@@ -263,9 +263,10 @@ def _tensors_for_file(hf_sd: dict) -> tuple[dict, torch.dtype]:
     return out, dtype
 
 
-def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path],
-            tokenizer_dir: Optional[Path] = None, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
-    """Write an HF model folder at `out` (atomically: built beside it, then renamed into place)."""
+def write_hf_folder(out: Union[str, Path], tensors: dict, config_json: dict, tokenizer_dir: Optional[Path],
+                    bos_id: Optional[int], eos_id: Optional[int], extra_files: tuple = ()) -> Path:
+    """An HF model folder at `out`: safetensors, config.json, generation_config.json, the tokenizer
+    files and `extra_files` (e.g. remote code), built beside `out` and renamed into place."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
     out = Path(out)
@@ -273,19 +274,14 @@ def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path
         raise CheckpointError(f"{out}: already exists and is not an empty folder; choose a new output folder")
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
-    hf_config = keel_to_hf_config(model_cfg, bos_id, eos_id)
-    tensors, dtype = _tensors_for_file(keel_to_hf_state_dict(state_dict, model_cfg))
-    hf_config.dtype = dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config.save_pretrained(tmp)
-        # transformers 5 writes `dtype`; older readers (and some vLLM versions) look for `torch_dtype`.
-        config_json = json.loads((tmp / "config.json").read_text())
-        config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
         if tokenizer_dir is not None:
             for f in sorted(Path(tokenizer_dir).iterdir()):
                 if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
@@ -297,6 +293,18 @@ def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path],
+            tokenizer_dir: Optional[Path] = None, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
+    """Write an HF model folder at `out` (atomically: built beside it, then renamed into place)."""
+    hf_config = keel_to_hf_config(model_cfg, bos_id, eos_id)
+    tensors, dtype = _tensors_for_file(keel_to_hf_state_dict(state_dict, model_cfg))
+    hf_config.dtype = dtype
+    config_json = json.loads(hf_config.to_json_string(use_diff=True))  # what save_pretrained writes
+    # transformers 5 writes `dtype`; older readers (and some vLLM versions) look for `torch_dtype`.
+    config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return write_hf_folder(out, tensors, config_json, tokenizer_dir, bos_id, eos_id)
 
 
 # ------------------------------------------------------------------ keel checkpoints

@@ -12,10 +12,7 @@ model.summary_embedding, and the optional private copies input_layernorm_summary
 """
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -82,35 +79,9 @@ def hf_config_dict(cfg: KSAConfig, bos_id: Optional[int], eos_id: Optional[int],
 def save_ksa_hf(cfg: KSAConfig, state_dict: dict, out, tokenizer_dir: Optional[Path] = None,
                 bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
     """Write the remote-code HF folder at `out` (built beside it, then renamed into place)."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
+    from keel.model.hf import _tensors_for_file, write_hf_folder
 
-    from keel.model.hf import _NOT_TOKENIZER, _tensors_for_file
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
     named = {hf_name(k): v for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "output.weight")}
     tensors, dtype = _tensors_for_file(named)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config_dict(cfg, bos_id, eos_id, dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
-        for name in REMOTE_FILES:
-            shutil.copy2(REMOTE_DIR / name, tmp / name)
-        if tokenizer_dir is not None:
-            for f in sorted(Path(tokenizer_dir).iterdir()):
-                if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
-                    shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_hf_folder(out, tensors, hf_config_dict(cfg, bos_id, eos_id, dtype), tokenizer_dir, bos_id, eos_id,
+                           extra_files=tuple(REMOTE_DIR / name for name in REMOTE_FILES))
