@@ -9,13 +9,13 @@ keeps it apart from the example, which is document 0 with positions counting fro
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from keel.data.jsonl import jsonl_records
 from keel.data.tokenizer import Tokenizer
 from keel.errors import DataError
 
@@ -58,29 +58,19 @@ class SFTDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         self.seq_len = int(seq_len)
         self.pad_id = tokenizer.pad_id
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: SFT data file not found (expected a .jsonl file of "
-                            f"prompt/response or messages records)")
         pairs, chats = [], []  # (slot, prompt, response) and (slot, messages, where)
         n = 0
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    record = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise DataError(f"{where}: not valid JSON") from None
-                if isinstance(record, dict) and "messages" in record:
-                    chats.append((n, record["messages"], where))
-                elif isinstance(record, dict) and "prompt" in record and "response" in record:
-                    if not (isinstance(record["prompt"], str) and isinstance(record["response"], str)):
-                        raise DataError(f"{where}: 'prompt' and 'response' must be strings")
-                    pairs.append((n, record["prompt"], record["response"]))
-                else:
-                    raise DataError(f"{where}: expected fields 'prompt' and 'response', or 'messages'")
-                n += 1
+        for where, record in jsonl_records(self.path, "SFT data file",
+                                           " (expected a .jsonl file of prompt/response or messages records)"):
+            if "messages" in record:
+                chats.append((n, record["messages"], where))
+            elif "prompt" in record and "response" in record:
+                if not (isinstance(record["prompt"], str) and isinstance(record["response"], str)):
+                    raise DataError(f"{where}: 'prompt' and 'response' must be strings")
+                pairs.append((n, record["prompt"], record["response"]))
+            else:
+                raise DataError(f"{where}: expected fields 'prompt' and 'response', or 'messages'")
+            n += 1
         if n == 0:
             raise DataError(f"{self.path}: no SFT examples found")
         # Each example as (token ids, per-token "is a trained target" flags); tokens beyond

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from keel.data.jsonl import jsonl_records
 from keel.errors import DataError
 
 
@@ -32,9 +33,7 @@ class PreferencePair:
         return self.ref_chosen_logp is not None and self.ref_rejected_logp is not None
 
 
-def _pair_from_json(obj, where: str) -> PreferencePair:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with prompt, chosen and rejected")
+def _pair_from_json(obj: dict, where: str) -> PreferencePair:
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(obj.get(key), str):
             raise DataError(f"{where}: field {key!r} must be a string, got {obj.get(key)!r}")
@@ -52,17 +51,8 @@ def _pair_from_json(obj, where: str) -> PreferencePair:
 def load_pairs(path) -> list[PreferencePair]:
     """Every pair of a jsonl file; a malformed line is a DataError naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: preference pairs file not found (expected jsonl with prompt, chosen, rejected)")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        pairs.append(_pair_from_json(obj, f"{path}:{number}"))
+    pairs = [_pair_from_json(obj, where) for where, obj in
+             jsonl_records(path, "preference pairs file", " (expected jsonl with prompt, chosen, rejected)")]
     if not pairs:
         raise DataError(f"{path}: holds no preference pairs")
     return pairs

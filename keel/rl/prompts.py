@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from keel.data.jsonl import jsonl_records
 from keel.errors import ConfigError, DataError
 
 
@@ -95,39 +95,27 @@ def load_jsonl(opts: dict) -> list[PromptItem]:
     """
     from keel.rl.rewards import REWARDS
     path = Path(opts["path"])
-    if not path.is_file():
-        raise DataError(f"{path}: prompt file not found")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for required in ("prompt", "answer"):
-                if required not in row:
-                    raise DataError(f"{where}: missing required field {required!r}")
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise DataError(f"{where}: field 'prompt' must be a non-empty string")
-            reward = row.get("reward", opts["reward"])
-            if reward is None:
-                raise DataError(f"{where}: missing field 'reward' (or set rl.prompts.reward)")
-            if reward not in REWARDS:
-                close = difflib.get_close_matches(str(reward), list(REWARDS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise DataError(f"{where}: unknown reward {reward!r}{hint}; expected one of {sorted(REWARDS)}")
-            meta = row.get("meta", {})
-            if not isinstance(meta, dict):
-                raise DataError(f"{where}: field 'meta' must be an object")
-            meta.setdefault("think_gate", bool(opts["think_gate"]))
-            items.append(PromptItem(prompt=row["prompt"], task=str(row.get("task", opts["task"])),
-                                    answer=row["answer"], reward=reward,
-                                    source=str(row.get("source", path.stem)), meta=meta))
+    for where, row in jsonl_records(path, "prompt file"):
+        for required in ("prompt", "answer"):
+            if required not in row:
+                raise DataError(f"{where}: missing required field {required!r}")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+        reward = row.get("reward", opts["reward"])
+        if reward is None:
+            raise DataError(f"{where}: missing field 'reward' (or set rl.prompts.reward)")
+        if reward not in REWARDS:
+            close = difflib.get_close_matches(str(reward), list(REWARDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{where}: unknown reward {reward!r}{hint}; expected one of {sorted(REWARDS)}")
+        meta = row.get("meta", {})
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: field 'meta' must be an object")
+        meta.setdefault("think_gate", bool(opts["think_gate"]))
+        items.append(PromptItem(prompt=row["prompt"], task=str(row.get("task", opts["task"])),
+                                answer=row["answer"], reward=reward,
+                                source=str(row.get("source", path.stem)), meta=meta))
     if not items:
         raise DataError(f"{path}: no prompts in file")
     return items

@@ -152,20 +152,10 @@ class Trainer:
         global_tokens, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
         # DDP/FSDP average gradients over the ranks holding different tokens; undo that.
         scale = self.dp_size * self.dims.cp / max(global_tokens, 1)
-        loss_sum = torch.zeros((), device=self.dist.device)
-        if self.pipeline is not None:  # the schedule runs every micro-batch through the stages
-            loss_sum = self.pipeline.train_step(micro_batches, scale)
-            faults.inject_kill(self.step + 1, self.dist.rank)
-        for i, mb in enumerate(micro_batches if self.pipeline is None else ()):
-            if parallel.uses_fsdp(self.dims):
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with self._autocast():
-                loss = self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
-                                  doc_ids=mb["doc_ids"])
-            loss = faults.inject_nan(loss, self.step + 1)  # fault injection (tests): KEEL_FAULT_NAN_AT_STEP
-            (loss * scale).backward()
-            loss_sum += loss.detach().float()
-            faults.inject_kill(self.step + 1, self.dist.rank)  # fault injection (tests): KEEL_FAULT_KILL_*
+        # Under pp the schedule runs every micro-batch through the stages; else one after another.
+        run = self._forward_backward if self.pipeline is None else self.pipeline.train_step
+        loss_sum = run(micro_batches, scale)
+        faults.inject_kill(self.step + 1, self.dist.rank)  # under pp the first chance is after the schedule
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm, **self._pipeline_norm_args())
         lr = self.scheduler.get_last_lr()[0]
@@ -178,6 +168,28 @@ class Trainer:
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
                 "data_fingerprint": fingerprint, "finite": finite}
 
+    def _forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
+        """Gradients of scale * (summed token loss) over the micro-batches; returns the loss sum."""
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for i, mb in enumerate(micro_batches):
+            if parallel.uses_fsdp(self.dims):
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            with self._autocast():
+                loss = self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
+                                  doc_ids=mb["doc_ids"])
+            loss = faults.inject_nan(loss, self.step + 1)  # fault injection (tests): KEEL_FAULT_NAN_AT_STEP
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+            faults.inject_kill(self.step + 1, self.dist.rank)  # fault injection (tests): KEEL_FAULT_KILL_*
+        return loss_sum
+
+    def _loss_sum(self, batches: list[dict]) -> torch.Tensor:
+        """Summed token loss over `batches`, forward only."""
+        if self.pipeline is not None:
+            return self.pipeline.evaluate(batches)
+        return sum(self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
+                              doc_ids=mb["doc_ids"]).float() for mb in batches)
+
     def _pipeline_norm_args(self) -> dict:
         if self.pipeline is None:
             return {}
@@ -189,15 +201,9 @@ class Trainer:
         batches = [self._to_device(self._cp_shard(b)) for b in self.data.eval_batches(
             self.cfg.train.eval_batches, self.cfg.train.micro_batch, self.dp_rank, self.dp_size)]
         totals = torch.zeros(2, device=self.dist.device)
-        if self.pipeline is not None:
-            with self._autocast():
-                totals[0] += self.pipeline.evaluate(batches)
-        for mb in batches if self.pipeline is None else ():
-            with self._autocast():
-                totals[0] += self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
-                                        doc_ids=mb["doc_ids"]).float()
-        for mb in batches:
-            totals[1] += (mb["labels"] != -100).sum()
+        with self._autocast():
+            totals[0] += self._loss_sum(batches)
+        totals[1] += sum(int((mb["labels"] != -100).sum()) for mb in batches)
         loss_sum, tokens = self._dp_sum(totals).tolist()
         loss = loss_sum / max(tokens, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
