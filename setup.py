@@ -6,6 +6,8 @@ setup(
     description="Distributed training for large models: one sharded backbone, Megatron-style parallelism, RL post-training",
     python_requires=">=3.10",
     packages=find_packages(include=["keel", "keel.*"]),
+    # Non-Python files keel reads at run time: sbatch templates, the KSA remote-code model.
+    package_data={"keel.cli": ["templates/*.sbatch.j2"], "keel.model.ksa_remote": ["*.py"]},
     install_requires=[
         # A range torch 2.13 satisfies, so CPU machines keep their CPU wheel and GPU clusters their CUDA build.
         "torch>=2.6",
@@ -19,11 +21,12 @@ setup(
         "wandb",
         "gguf",
         "sympy",  # math answer verification in keel.rl.rewards
+        "matplotlib",  # keel plot
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
         "rl": ["vllm", "reasoning-gym==0.1.25"],
-        "dev": ["pytest", "accelerate", "deepspeed", "torchao", "triton", "reasoning-gym==0.1.25"],
+        "dev": ["pytest", "import-linter", "accelerate", "deepspeed", "torchao", "triton", "reasoning-gym==0.1.25"],
     },
     entry_points={
         "console_scripts": ["keel=keel.cli:main"],

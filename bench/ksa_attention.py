@@ -3,8 +3,8 @@
     python bench/ksa_attention.py                    # GPU if present: 8k, 32k, 128k text tokens, bf16
     python bench/ksa_attention.py --sizes 1024,2048  # CPU: small sizes, fp32
 
-Shapes follow the 4B CPT production model of PAPERS.md §1.3/§1.5 (32 query / 8 KV heads, head_dim 128,
-N=8, S=1, W=128 chunks); on CPU `--heads 4 --kv-heads 1` by default to fit the time.
+Shapes follow the 4B CPT production model of docs/ksa.md#training-recipes (32 query / 8 KV heads,
+head_dim 128, N=8, S=1, W=128 chunks); on CPU `--heads 4 --kv-heads 1` by default to fit the time.
 What is timed (median of --repeats after a warm-up; forward + backward unless said otherwise):
   triton  keel.kernels.ksa_attention over the expanded sequence (L = n + n/N*S positions);
   flex    torch.compile(flex_attention) with a BlockMask from the same rule (keel.model.ksa_attention);
@@ -32,8 +32,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from keel.model.ksa import expanded_length  # noqa: E402
 
-# 4B CPT production shape (PAPERS.md §1.3): 36 layers, 32/8 heads, head_dim 128; §1.3 released KSA
-# settings: chunk 8, 1 summary, 128-chunk window, 3 KSA : 1 full.
+# 4B CPT production shape (docs/ksa.md#training-recipes): 36 layers, 32/8 heads, head_dim 128;
+# released KSA settings (docs/ksa.md#hybrid-layers): chunk 8, 1 summary, 128-chunk window,
+# 3 KSA : 1 full.
 PROD = dict(layers=36, kv_heads=8, head_dim=128, chunk=8, summaries=1, window=128, ksa_per_full=3)
 
 
@@ -127,7 +128,8 @@ def bench_size(n: int, args, device, dtype, sync) -> dict:
         qf, kf, vf, dqf, dkf, dvf = (t.detach() for t in (q, k, v, dq, dk, dv))
         plans["dense fwd"] = (lambda: dense_call(dqf, dkf, dvf), "fwd")
         plans["flex"] = (lambda: flex_call(qf, kf, vf), "fwd")
-        if n <= 2048:  # the same output as the reference: the block mask is the §1.2 mask
+        # the same output as the reference: the block mask is the KSA mask (docs/ksa.md#attention-pattern)
+        if n <= 2048:
             err = (flex_call(qf, kf, vf) - ksa_attention_reference(qf, kf, vf, N, S, W)).abs().max().item()
             print(f"  n={n}: flex vs dense-mask reference max |diff| {err:.2e}")
     results = {}

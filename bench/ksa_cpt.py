@@ -94,7 +94,7 @@ def ksa_before_training(cfg, dense_ckpt: Path):
     """The KSA model exactly as stage 1 starts: the Trainer's seed, then the dense weights, with the
     summary parameters initialised from them (KSATransformer.init_missing_weights)."""
     from keel.model.registry import build_model
-    from keel.train.checkpoint import load_model_weights
+    from keel.checkpoint.dcp import load_model_weights
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, "meta")
@@ -133,7 +133,7 @@ def main() -> None:
 
     import keel
     from keel.data.tokenizer import Tokenizer
-    from keel.model.hf import import_hf
+    from keel.checkpoint.hf import import_hf
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     work = Path(args.work or tempfile.mkdtemp(prefix="ksa_cpt_"))

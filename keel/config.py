@@ -1,143 +1,94 @@
-"""Recipes: YAML validated against a typed schema.
+"""Recipe machinery: YAML, `extends:`, dotted overrides and typed validation of registered sections.
 
-A recipe is YAML with the sections below. `extends: other.yaml` deep-merges the recipe over
-another (paths relative to the recipe), and `key.sub=value` overrides from the command line are
-applied last, their values parsed as YAML scalars. Every problem is a ConfigError whose message
-starts with the dotted key (or the file) and says what was expected.
+This module knows no family, trainer or layer. Each recipe section (`run`, `model`, `data`, `train`,
+`optim`, `parallel`, `precision`, `checkpoint`, `logging`, `rl`) is registered by the layer that owns
+it (`register_section`), as a dataclass or as a resolver that picks one (the `model:` section is the
+family's config class, chosen by `model.name`). Checks that span sections are registered by their
+owner too (`register_check`) and run right after the sections are built, before any work starts.
+
+`extends: other.yaml` deep-merges the recipe over another (paths relative to the recipe),
+`plugins: [module, file.py]` imports user modules that register their own families, trainers or
+sections, and `key.sub=value` overrides from the command line are applied last, their values parsed
+as YAML scalars. Every problem is a ConfigError whose message starts with the dotted key (or the
+file) and says what was expected.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
+import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
 from keel.errors import ConfigError
 
-
-@dataclass
-class RunConfig:
-    name: str = "keel"
-    out_dir: str = "runs/keel"  # relative paths are relative to the working directory
+# The order sections are written in (config.yaml); sections registered by plugins follow.
+CANONICAL_ORDER = ("run", "model", "data", "train", "optim", "parallel", "precision", "checkpoint",
+                   "logging", "rl")
 
 
 @dataclass
-class DataSource:
-    # A megatron indexed-dataset prefix (PREFIX.bin/.idx), a .txt/.jsonl file or folder of them
-    # (tokenized into data.cache_dir on first use), or `corpus:NAME` for a fetched real corpus.
-    path: str = ""
-    weight: float = 1.0
+class Section:
+    name: str
+    # raw mapping (or None when absent), dotted key -> the section's object (None if optional and absent)
+    resolve: Callable[[Any, str], Any]
+    optional: bool = False  # absent from a recipe: None (rl); else built from its defaults
+    schema: Optional[type] = None  # the dataclass, where the section is one (for key references)
 
 
-@dataclass
-class DataConfig:
-    tokenizer: str = "smollm2"  # `smollm2` (the fetched real tokenizer) or an HF tokenizer folder
-    seq_len: int = 256
-    sources: list[DataSource] = field(default_factory=list)
-    format: Literal["pretrain", "sft"] = "pretrain"
-    text_key: str = "text"  # jsonl field holding a document (pretrain)
-    eval_fraction: float = 0.02  # share of each source's documents held out for eval
-    cache_dir: Optional[str] = None  # default: $KEEL_HOME/data
-    shuffle: bool = True
+SECTIONS: dict[str, Section] = {}
+CHECKS: list[Callable[["Config"], None]] = []
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    micro_batch: int = 4  # sequences per rank per forward
-    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    grad_clip: float = 1.0
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
-    log_every: int = 1
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 48
-    # A NaN/Inf loss or gradient never updates the weights; then: skip the step, roll back to the
-    # last committed checkpoint and replay, or stop with an error (keel/train/faults.py).
-    nonfinite: Literal["skip", "rollback", "stop"] = "stop"
+def register_section(name: str, schema: Optional[type] = None, *, resolve: Optional[Callable] = None,
+                     optional: bool = False) -> None:
+    """Register a top-level recipe section: a dataclass (validated field by field, then its own
+    `validate()` if it has one) or a resolver `(raw, key) -> object` for sections chosen by a name."""
+    if resolve is None:
+        if schema is None:
+            raise TypeError(f"section {name!r}: give a dataclass or a resolver")
+        resolve = lambda raw, key: build_validated(schema, raw, key)  # noqa: E731
+    SECTIONS[name] = Section(name, resolve, optional, schema)
 
 
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden matrices, AdamW on the rest
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
-    muon_lr: Optional[float] = None  # muon: lr of the Muon groups; None: optim.lr
-    muon_momentum: float = 0.95
-    muon_weight_decay: Optional[float] = None  # None: optim.weight_decay
-    ns_steps: int = 5  # Newton-Schulz iterations
+def register_check(check: Callable[["Config"], None]) -> Callable:
+    """Register a check across sections, run on every loaded recipe (usable as a decorator)."""
+    if check not in CHECKS:
+        CHECKS.append(check)
+    return check
 
 
-@dataclass
-class ParallelConfig:
-    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining, keel/train/pipeline.py)
-    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
-    pp_stages_per_rank: int = 0  # virtual stages per pp rank; 0: 2 for interleaved_1f1b, else 1
-    pp_layers: Optional[list[int]] = None  # layers per stage, in stage order; default: an even split
-    dp_replicate: int = 1  # DDP replicas (HSDP together with dp_shard)
-    dp_shard: int = -1  # FSDP2 shards; -1: every rank the other dims leave
-    cp: int = 1
-    tp: int = 1  # Megatron-style tensor parallelism (DTensor), inside each data-parallel rank
-    sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
-    activation_checkpoint: Literal["none", "full", "selective"] = "none"
-    compile: bool = False  # torch.compile each block
-    # The training engine: keel's own (DDP / FSDP2 / TP) or DeepSpeed ZeRO (keel/train/deepspeed.py).
-    engine: Literal["torch", "deepspeed"] = "torch"
-    zero_stage: int = 1  # deepspeed: ZeRO stage 1 | 2 | 3
-    offload_optimizer: bool = False  # deepspeed: optimizer states (and step) on the CPU
-    offload_params: bool = False  # deepspeed, zero_stage 3 only: parameters on the CPU
-    ds_config: Optional[Any] = None  # deepspeed: a JSON file path or a mapping, merged over the generated config
+def choose(key: str, value, names) -> None:
+    """Refuse `value` unless it is one of `names` (a registry), with a did-you-mean."""
+    names = sorted(names)
+    if value not in names:
+        close = difflib.get_close_matches(str(value), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown name {value!r}{hint}; expected one of {names}")
 
 
-@dataclass
-class PrecisionConfig:
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute, fp32 master weights
-    fp8: Literal["off", "torchao", "te"] = "off"  # FP8 linears in the blocks (keel/train/precision.py)
-    # torchao: tensorwise | rowwise; te: delayed | current. None: tensorwise / delayed.
-    fp8_recipe: Optional[Literal["tensorwise", "rowwise", "delayed", "current"]] = None
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep_last: int = 3
-    resume: str = "auto"  # auto: newest complete checkpoint in out_dir; never; or a checkpoint path
-
-
-@dataclass
-class LoggingConfig:
-    wandb: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "keel"
-    progress: bool = True  # a live progress line on rank 0
-
-
-@dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: Any = None  # the registered family's config dataclass, chosen by model.name
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    rl: Any = None  # keel/rl/config.py RLConfig, validated there when present (`keel rl`)
+    """A loaded recipe: one attribute per registered section (None for an absent optional one)."""
+
+    def __init__(self, sections: dict):
+        for name, value in sections.items():
+            setattr(self, name, value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(vars(self))})"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for name, v in vars(self).items()}
 
 
 # ---------------------------------------------------------------- YAML, extends, overrides
@@ -225,7 +176,10 @@ def coerce(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error names the bad key inside it
+            return coerce(value, candidates[0], key)
+        for arg in candidates:
             try:
                 return coerce(value, arg, key)
             except ConfigError:
@@ -291,93 +245,72 @@ def build_dataclass(cls, data, key: str = ""):
     return cls(**kwargs)
 
 
-def _positive(cfg: Config, *dotted: str) -> None:
-    for key in dotted:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
+def build_validated(cls, data, key: str):
+    """A dataclass section built from `data` and checked by its own `validate()` method."""
+    obj = build_dataclass(cls, data, key)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that no type can express. Checks that need the world size live in train/."""
-    _positive(cfg, "train.steps", "train.micro_batch", "train.global_batch", "data.seq_len",
-              "optim.lr", "parallel.pp", "parallel.dp_replicate", "parallel.cp", "parallel.tp",
-              "train.log_every", "train.eval_batches", "checkpoint.keep_last")
-    for key in ("optim.weight_decay", "optim.eps", "optim.warmup_steps", "train.grad_clip",
-                "checkpoint.every", "train.eval_every", "train.sample_tokens"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {getattr(getattr(cfg, section), name)}")
-    if cfg.parallel.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: expected 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"parallel.dp_shard: must be a positive integer or -1, got {cfg.parallel.dp_shard}")
-    if cfg.train.global_batch % cfg.train.micro_batch:
-        raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
-                          f"train.micro_batch {cfg.train.micro_batch}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
-        raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {cfg.optim.decay_fraction}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
-    if not cfg.data.sources and cfg.rl is None:  # RL recipes take prompts from rl.prompts
-        raise ConfigError("data.sources: at least one data source is required")
-    for i, source in enumerate(cfg.data.sources):
-        if not source.path:
-            raise ConfigError(f"data.sources[{i}].path: required")
-        if source.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight: must be > 0, got {source.weight}")
-    from keel.model.registry import get_model_spec
-    spec = get_model_spec(cfg.model.name)
-    for dim in ("tp", "cp", "pp"):
-        if getattr(cfg.parallel, dim) > 1 and dim not in spec.model_parallel:
-            raise ConfigError(f"parallel.{dim}: the {spec.name} family does not support it yet; "
-                              f"it trains with data parallelism (parallel.dp_shard / dp_replicate)")
-    if cfg.parallel.pp > 1:
-        from keel.train.pipeline import validate_pipeline
-        validate_pipeline(cfg.parallel, cfg.model)
-    if cfg.data.seq_len % (2 * cfg.parallel.cp):
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be divisible by 2 * parallel.cp "
-                          f"= {2 * cfg.parallel.cp} (each cp rank holds two balanced chunks)")
-    for key in ("n_heads", "n_kv_heads"):
-        heads = getattr(cfg.model, key, None)
-        if heads is not None and heads % cfg.parallel.tp:
-            raise ConfigError(f"parallel.tp: {cfg.parallel.tp} does not divide model.{key} {heads}")
-    if cfg.precision.fp8 != "off":
-        from keel.train.precision import fp8_recipe
-        fp8_recipe(cfg.precision)
-    elif cfg.precision.fp8_recipe is not None:
-        raise ConfigError("precision.fp8_recipe: set precision.fp8 (torchao or te) to use an FP8 recipe")
-    cfg.model.validate()
+def import_plugins(plugins, recipe_dir: Path) -> None:
+    """Import the modules a recipe names under `plugins:` (module names, or .py files relative to the
+    recipe) so that what they register (a family, a trainer, a section) is known before validation."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins: expected a list of module names or .py files, got {plugins!r}")
+    for i, plugin in enumerate(plugins):
+        key = f"plugins[{i}]"
+        if plugin.endswith(".py"):
+            path = (recipe_dir / plugin).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: {path}: no such file")
+            name = f"keel_plugin_{path.stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as e:
+                raise ConfigError(f"{key}: cannot import {plugin!r} ({e})") from None
 
 
-def config_from_dict(raw: dict, source: str = "recipe") -> Config:
-    from keel.model.registry import get_model_spec
-
+def config_from_dict(raw: dict, recipe_dir: Path = Path(".")) -> Config:
+    """Build and check every registered section of a merged recipe mapping."""
     raw = dict(raw)
-    model_raw = raw.pop("model", None)
-    if not isinstance(model_raw, dict) or "name" not in model_raw:
-        raise ConfigError("model.name: required (a registered model family, e.g. 'llama')")
-    spec = get_model_spec(model_raw["name"])
-    cfg = build_dataclass(Config, raw)
-    cfg.model = build_dataclass(spec.config_cls, model_raw, "model")
-    validate(cfg)
-    if cfg.rl is not None:
-        from keel.rl.config import validate_rl_section
-        validate_rl_section(cfg)
+    plugins = raw.pop("plugins", None)
+    import_plugins(plugins, recipe_dir)
+    for name in raw:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{name}: unknown key{hint}")
+    ordered = [n for n in CANONICAL_ORDER if n in SECTIONS] + [n for n in SECTIONS if n not in CANONICAL_ORDER]
+    sections = {}
+    for name in ordered:
+        section = SECTIONS[name]
+        value = raw.get(name)
+        sections[name] = None if value is None and section.optional else section.resolve(value, name)
+    if plugins:  # kept, as absolute paths, so that a saved config.yaml loads on its own
+        sections["plugins"] = [str((recipe_dir / p).resolve()) if p.endswith(".py") else p for p in plugins]
+    cfg = Config(sections)
+    for check in CHECKS:
+        check(cfg)
     return cfg
 
 
 def load_recipe(path, overrides: Optional[list[str]] = None) -> Config:
-    """Load, merge, override and validate a recipe; raise ConfigError naming any bad key."""
+    """Load, merge, override and validate a recipe; raise ConfigError naming any bad key.
+    The sections must be registered first: `keel.load_recipe` imports every layer that owns one."""
     raw = load_raw(Path(path))
     for override in overrides or []:
         apply_override(raw, override)
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, Path(path).resolve().parent)
 
 
 def save_resolved(cfg: Config, path: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from keel.config import DataConfig, DataSource
+from keel.data.config import DataConfig, DataSource
 from keel.data.assets import corpus_files
 from keel.data.blend import BlendedDataset
 from keel.data.loader import build_train_data, collate

@@ -39,7 +39,7 @@ def train_args(out_dir, **extra):
 # ---------------------------------------------------------------- elastic restart (torchrun)
 
 def torchrun_keel(args, max_restarts, env, timeout=300):
-    """torchrun with restarts, as slurm/train.sbatch.j2 runs it (a fresh TCPStore per attempt: with
+    """torchrun with restarts, as keel/cli/templates/train.sbatch.j2 runs it (a fresh TCPStore per attempt: with
     the shared one, a restarted group can hang in init_process_group, pytorch/pytorch#135712)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={max_restarts}", "-m", "keel", *args]

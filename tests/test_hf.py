@@ -14,8 +14,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
 from keel.data.assets import SMOLLM2_GGUF, asset_path, corpus_files
 from keel.errors import CheckpointError
 from keel.model.backbone import RopeScaling
-from keel.model.hf import (_locate, export_hf, hf_to_keel_config, hf_to_keel_state_dict, import_hf, keel_to_hf_config,
-                           keel_to_hf_state_dict, load_hf, save_hf)
+from keel.checkpoint.hf import export_hf, import_hf, load_hf, locate, save_hf
+from keel.model.hf import hf_to_keel_config, hf_to_keel_state_dict, keel_to_hf_config, keel_to_hf_state_dict
 from keel.model.registry import build_model
 
 TOL = 1e-3
@@ -190,7 +190,7 @@ def test_gguf_import_gives_the_same_weights(smollm2):
         assert torch.equal(sd[k], ref_sd[k]), k
     s = "Thou shalt not kill."
     assert tok(s)["input_ids"] == ref_tok(s)["input_ids"]
-    assert _locate(gguf.parent) == (gguf.parent, SMOLLM2_GGUF)  # a folder holding exactly one .gguf
+    assert locate(gguf.parent) == (gguf.parent, SMOLLM2_GGUF)  # a folder holding exactly one .gguf
 
 
 # ------------------------------------------------------------------ 5. bad inputs

@@ -1,5 +1,6 @@
 """KSA continual pretraining: the recipes in recipes/ksa/, and stage 1 (self-distillation) of the real
-SmolLM2-135M on real KJV text through keel's Trainer (PAPERS.md §1.5). bench/ksa_cpt.py is the long run."""
+SmolLM2-135M on real KJV text through keel's Trainer (docs/ksa.md#stage-1-distillation-loss).
+bench/ksa_cpt.py is the long run."""
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def test_every_ksa_recipe_loads_and_validates(path):
 
 
 def test_production_shapes_and_stage_chain():
-    """§1.3's shapes, and the CPT stages chained through model.init_from at 8k -> 32k -> 64k -> 128k."""
+    """The production shapes (docs/ksa.md#training-recipes), and the CPT stages chained through
+    model.init_from at 8k -> 32k -> 64k -> 128k."""
     scratch = keel.load_recipe(RECIPES / "ksa-1.9b-scratch.yaml")
     assert scratch.model.num_params() == pytest.approx(1.93e9, rel=0.01)
     assert (scratch.model.chunk_size, scratch.model.summary_tokens, scratch.model.window_chunks) == (8, 1, 128)
@@ -46,7 +48,7 @@ def test_production_shapes_and_stage_chain():
 
 @pytest.fixture(scope="module")
 def smollm2_checkpoint(tmp_path_factory):
-    from keel.model.hf import import_hf
+    from keel.checkpoint.hf import import_hf
     return import_hf("smollm2", tmp_path_factory.mktemp("smollm2") / "ckpt")
 
 
@@ -69,7 +71,7 @@ def test_stage1_distillation_closes_the_gap_to_dense_smollm2(smollm2_checkpoint,
     """Stage 1 from the real SmolLM2-135M on the KJV (window 2 chunks of 8 = 16 tokens, context 96):
     a few steps lower the held-out KSA loss towards the dense model's, while every non-summary weight
     stays bit-identical to SmolLM2 (so the dense model, the teacher, is unchanged)."""
-    from keel.train.checkpoint import load_model
+    from keel.checkpoint.model_io import load_model
     from keel.train.trainer import Trainer
 
     cfg = keel.load_recipe(RECIPES / "smollm2-ksa-stage1.yaml", [

@@ -11,7 +11,8 @@ from keel.cli import main as keel_main
 from keel.data.assets import corpus_files
 from keel.errors import CheckpointError
 from keel.model.ksa import KSAConfig, is_summary_param, ksa_from_dense
-from keel.model.ksa_hf import REMOTE_DIR, save_ksa_hf
+from keel.checkpoint.hf import save_hf as save_ksa_hf  # the KSA family's adapter, by registration
+from keel.model.ksa_hf import REMOTE_DIR
 from keel.model.registry import build_model
 
 TOL = 1e-4  # fp32, the same operations in the same order: measured differences are 0 to ~1e-5
@@ -70,8 +71,8 @@ def test_keel_export_hf_cli_on_smollm2_ksa(tmp_path):
     `keel export hf` writes a folder whose transformers model and tokenizer give keel's logits on KJV
     text at 4x the window, and whose greedy generate() continues the text as keel's KSA cache does."""
     import keel
-    from keel.model.hf import load_hf
-    from keel.train.checkpoint import write_model_checkpoint
+    from keel.checkpoint.hf import load_hf
+    from keel.checkpoint.model_io import write_model_checkpoint
 
     dense_cfg, dense_sd, tokenizer = load_hf("smollm2")
     cfg = KSAConfig(**{**vars(dense_cfg), "name": "ksa"}, chunk_size=16, summary_tokens=1, window_chunks=4)

@@ -1,4 +1,4 @@
-"""KSA model (PAPERS.md §1): the mask rule, attention cores, summary insertion/removal, cached decode,
+"""KSA model (docs/ksa.md): the mask rule, attention cores, summary insertion/removal, cached decode,
 stage-1 distillation and conversion from a dense model."""
 import math
 import random
@@ -21,7 +21,8 @@ warnings.filterwarnings("ignore", message=".*flex_attention called without torch
 
 
 def brute_force_mask(L, N, S, W):
-    """§1.2 written out position by position (independent of keel's vectorised rule)."""
+    """The mask rule of docs/ksa.md#attention-pattern written out position by position (independent of
+    keel's vectorised rule)."""
     B = N + S
     mask = torch.zeros(L, L, dtype=torch.bool)
     for q in range(L):
@@ -272,7 +273,7 @@ def kjv_bytes():
 @pytest.fixture(scope="module")
 def dense_kjv_model(kjv_bytes):
     """A tiny dense Llama trained briefly on the KJV: the model stage 1 starts from."""
-    from keel.config import OptimConfig
+    from keel.train.config import OptimConfig
     from keel.train.optim import build_optimizer
 
     train, _ = kjv_bytes
@@ -290,7 +291,7 @@ def dense_kjv_model(kjv_bytes):
 
 
 def test_stage1_distillation_trains_only_summary_parameters(kjv_bytes, dense_kjv_model):
-    from keel.config import OptimConfig
+    from keel.train.config import OptimConfig
     from keel.train.optim import build_optimizer
 
     train, held = kjv_bytes
@@ -345,7 +346,8 @@ def test_stage1_distillation_trains_only_summary_parameters(kjv_bytes, dense_kjv
 
 def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path):
     from keel.errors import CheckpointError
-    from keel.train.checkpoint import load_model_weights, write_model_checkpoint
+    from keel.checkpoint.dcp import load_model_weights
+    from keel.checkpoint.model_io import write_model_checkpoint
 
     torch.manual_seed(0)
     dense_cfg = TransformerConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64)

@@ -11,7 +11,7 @@ import torch
 
 import keel
 from conftest import TINY_RECIPE, read_metrics, run_keel, small_run_overrides
-from keel.config import OptimConfig
+from keel.train.config import OptimConfig
 from keel.model.backbone import Transformer, TransformerConfig
 from keel.train.muon import Muon, muon_param_groups, newton_schulz5
 

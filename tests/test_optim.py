@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from keel.config import OptimConfig
+from keel.train.config import OptimConfig
 from keel.train.optim import build_optimizer, clip_grad_norm, lr_multiplier, param_groups
 
 

@@ -40,7 +40,7 @@ def test_torchao_fp8_composes_with_fsdp2_and_tp(runs, layout):
 
 
 def test_fp8_modules_are_float8_linears_in_blocks_only():
-    from keel.config import PrecisionConfig
+    from keel.train.config import PrecisionConfig
     from keel.model.backbone import TransformerConfig
     from keel.model.registry import build_model
     from keel.train.precision import apply_fp8

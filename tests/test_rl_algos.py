@@ -63,7 +63,8 @@ def test_tmn_reweight_hand_computed():
 
 
 def _tmn_by_loops(rewards, group, tasks, alpha, gamma, eps=1e-6):
-    """§6.2 written out with plain Python lists, independent of the tensor implementation."""
+    """TMN-Reweight (docs/grpo.md#tmn-reweight-estimator) written out with plain Python lists,
+    independent of the tensor implementation."""
     groups = {}
     for i, g in enumerate(group):
         groups.setdefault(g, []).append(i)

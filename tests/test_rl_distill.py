@@ -141,7 +141,7 @@ def _tiny_checkpoint(out, seed: int):
     from keel.data.tokenizer import Tokenizer
     from keel.model.backbone import TransformerConfig
     from keel.model.registry import build_model
-    from keel.train.checkpoint import write_model_checkpoint
+    from keel.checkpoint.model_io import write_model_checkpoint
 
     torch.manual_seed(seed)
     cfg = TransformerConfig(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,

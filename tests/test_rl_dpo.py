@@ -80,7 +80,7 @@ def tiny_policy(tmp_path_factory):
     from keel.data.tokenizer import Tokenizer
     from keel.model.backbone import TransformerConfig
     from keel.model.registry import build_model
-    from keel.train.checkpoint import write_model_checkpoint
+    from keel.checkpoint.model_io import write_model_checkpoint
 
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,

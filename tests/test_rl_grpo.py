@@ -57,7 +57,7 @@ def tiny_policy(tmp_path_factory):
 
     from keel.data.assets import asset_path
     from keel.model.backbone import Transformer, TransformerConfig
-    from keel.train.checkpoint import write_model_checkpoint
+    from keel.checkpoint.model_io import write_model_checkpoint
 
     torch.manual_seed(0)
     cfg = TransformerConfig(name="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)

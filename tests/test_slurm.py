@@ -19,7 +19,7 @@ import yaml
 
 import keel
 from conftest import REPO, TINY_RECIPE, read_metrics, run_keel, small_run_overrides
-from keel import slurm
+from keel.cli import slurm
 
 CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
 STEPS = 12

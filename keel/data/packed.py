@@ -10,6 +10,7 @@ Only the slices a sample needs are read, through the memory-mapped .bin: corpora
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -26,7 +27,6 @@ _VOCAB_CHECK_TOKENS = 1 << 20
 def megatron_indexed():
     """megatron-core's indexed_dataset module, imported lazily: importing megatron.core costs
     seconds and prints Apex/Transformer Engine warnings that mean nothing for data loading."""
-    import logging
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""KSA block-sparse attention in Triton: forward and backward (PAPERS.md §1.2, §1.4).
+"""KSA block-sparse attention in Triton: forward and backward (docs/ksa.md#attention-pattern, docs/ksa.md#kernels).
 
 Layout: the expanded sequence, S summary tokens after every N text tokens; block B = N + S,
 chunk c(i) = i // B, i is a summary iff i % B >= N. The mask is `keel.model.ksa.summary_attention_mask`:
@@ -49,7 +49,7 @@ if triton is not None:
 
     @triton.jit
     def _local_mask(q_pos, k_pos, N: tl.constexpr, S: tl.constexpr, W):
-        """Every allowed pair except text query -> summary older than the window (§1.2)."""
+        """Every allowed pair except text query -> summary older than the window (docs/ksa.md#attention-pattern)."""
         q_off = q_pos % (N + S)
         k_off = k_pos % (N + S)
         dist = (q_pos // (N + S))[:, None] - (k_pos // (N + S))[None, :]
@@ -359,7 +359,7 @@ def ksa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size:
     q [B, H, L, D]; k, v [B, Hkv, L, D] with H a multiple of Hkv (GQA). L is any length (a truncated
     layout is a prefix of the periodic one). fp32, fp16 or bf16; accumulation is fp32. scale defaults
     to 1/sqrt(D). doc_ids [B, L] (packed documents): a query also needs the key's document to be its own.
-    skip_old_summary: sliding-chunk attention, the Hybrid-SCA baseline of §1.2.
+    skip_old_summary: sliding-chunk attention, the Hybrid-SCA baseline (docs/ksa.md#attention-pattern).
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1; anywhere else it raises.
     """
     _check_runnable(q)

@@ -10,14 +10,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from keel.model.ksa import summary_attention_mask
+from keel.kernels.ksa_layout import summary_attention_mask
 
 
 def ksa_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
                             summary_tokens: int, window_chunks: int, scale: Optional[float] = None,
                             doc_ids: Optional[torch.Tensor] = None,
                             skip_old_summary: bool = False) -> torch.Tensor:
-    """KSA attention as SDPA with the dense [L, L] mask of PAPERS.md §1.2.
+    """KSA attention as SDPA with the dense [L, L] mask of docs/ksa.md#attention-pattern.
 
     q [B, H, L, D], k/v [B, Hkv, L, D] over the expanded sequence (S summaries after every N text
     tokens); H must be a multiple of Hkv (GQA). doc_ids [B, L]: a query also needs the key's document

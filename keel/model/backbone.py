@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from keel.errors import ConfigError
 from keel.model.attention import ATTENTION_CORES, AttentionMask, get_attention
+from keel.model.generation import generate
 from keel.model.loss import chunked_cross_entropy
 
 
@@ -26,31 +27,31 @@ from keel.model.loss import chunked_cross_entropy
 class RopeScaling:
     # none; linear: positions / factor; llama3: Llama 3.1's frequency-dependent scaling
     type: Literal["none", "linear", "llama3"] = "none"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
+    factor: float = 1.0  # scaling factor (linear, llama3)
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original/low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept
+    original_max_seq_len: int = 8192  # llama3: the context length the model was pretrained at
 
 
 @dataclass
 class TransformerConfig:
-    name: str = "llama"
-    vocab_size: int = 49152
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    name: str = "llama"  # the family (a registered model.name: llama, qwen3, ksa)
+    vocab_size: int = 49152  # rows of the embedding table and the LM head
+    dim: int = 256  # hidden size
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
     n_kv_heads: int = 0  # 0: same as n_heads (no GQA)
     head_dim: int = 0  # 0: dim // n_heads
     ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     qk_norm: bool = False  # Qwen3
     qkv_bias: bool = False  # Qwen2
-    tie_embeddings: bool = True
-    attention: str = "sdpa"
-    max_seq_len: int = 2048
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the LM head shares the embedding table
+    attention: str = "sdpa"  # attention core by name (model/attention.py)
+    max_seq_len: int = 2048  # longest sequence the model is configured for (RoPE tables, HF export)
+    init_std: float = 0.02  # std of the normal init of the weights (output projections scaled by depth)
     loss_chunk: int = 2048  # tokens per LM-head chunk: the full [tokens x vocab] never exists
     init_from: Optional[str] = None  # keel checkpoint or run dir whose weights start training
 
@@ -265,5 +266,4 @@ class Transformer(nn.Module):
         return chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.config.loss_chunk)
 
     def generate(self, prompts, **sampling):
-        from keel.model.generation import generate
         return generate(self, prompts, **sampling)

@@ -1,25 +1,20 @@
-"""Hugging Face interop: LlamaForCausalLM, Qwen3ForCausalLM and Qwen2ForCausalLM <-> keel.
+"""Hugging Face adapter of the LM families: LlamaForCausalLM, Qwen3ForCausalLM, Qwen2ForCausalLM <-> keel.
 
-Configs map field by field; state dicts by the declarative NAME_MAP below (RoPE is HF's
-rotate-half layout in both, so q/k need no permutation). Loading goes through transformers
-itself (safetensors, .bin or GGUF, de-quantised to fp32); saving writes what
-`AutoModelForCausalLM.from_pretrained` and vLLM read: model.safetensors, config.json,
-generation_config.json and the tokenizer files, into a temporary folder renamed into place.
+Pure mappings, no file I/O (reading and writing HF folders is keel/checkpoint/hf.py): configs map
+field by field; state dicts by the declarative NAME_MAP below (RoPE is HF's rotate-half layout in
+both, so q/k need no permutation). `LLAMA_HF_ADAPTER` is what the llama and qwen3 families register.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from keel.errors import CheckpointError, ConfigError
-from keel.model.backbone import RopeScaling, TransformerConfig
+from keel.model.backbone import RopeScaling, Transformer, TransformerConfig
+from keel.model.registry import HFAdapter
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM")
 _FAMILY = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen3"}
@@ -52,10 +47,6 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _RULES = [(_pattern(k), _pattern(h), k, h) for k, h in NAME_MAP]
-_WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-# Files of an HF model folder that are not the tokenizer's.
-_NOT_TOKENIZER = re.compile(r"(config\.json|generation_config\.json|.*\.(safetensors|bin|gguf|pt|pth|index\.json))$")
 
 
 # ------------------------------------------------------------------ configs
@@ -151,8 +142,8 @@ def _rename(sd: dict, to_keel: bool) -> tuple[dict, dict, list]:
 
 
 def _expected_shapes(cfg: TransformerConfig) -> dict:
-    from keel.model.registry import build_model
-    return {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
 
 
 def _check(sd: dict, cfg: TransformerConfig, src: str, origin: dict, unknown: list, hf_names: bool) -> None:
@@ -192,150 +183,29 @@ def keel_to_hf_state_dict(sd: dict, cfg: TransformerConfig, src: str = "keel sta
     return _rename(sd, to_keel=False)[0]
 
 
-# ------------------------------------------------------------------ load
-def _locate(src: Union[str, Path]) -> tuple[Path, Optional[str]]:
-    """(folder, gguf file name or None) for an import source."""
-    if str(src) == "smollm2":
-        from keel.data.assets import asset_path
-        return asset_path("smollm2"), None
-    path = Path(src).expanduser()
-    expected = "an HF model folder (config.json + model*.safetensors or pytorch_model*.bin), a .gguf file or `smollm2`"
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder; expected {expected}")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return path.parent, path.name
-        raise CheckpointError(f"{path}: is a file but not a .gguf; expected {expected}")
-    has_weights = any(f for pattern in _WEIGHT_FILES for f in path.glob(pattern))
-    if (path / "config.json").is_file() and has_weights:
-        return path, None
-    ggufs = sorted(p.name for p in path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return path, ggufs[0]
-    if ggufs:
-        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to import")
-    if (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: has config.json but no weights; expected model*.safetensors or pytorch_model*.bin")
-    raise CheckpointError(f"{path}: no config.json with weights and no .gguf file; expected {expected}")
+def hf_tensor_name(name: str) -> str:
+    renamed, _, unknown = _rename({name: None}, to_keel=False)
+    if unknown:
+        raise CheckpointError(f"no Hugging Face name for tensor {name!r}")
+    return next(iter(renamed))
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def load_hf(src: Union[str, Path]):
-    """(keel config, keel-named fp32 state dict, transformers tokenizer or None) of an HF model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    folder, gguf = _locate(src)
-    where = str(folder / gguf) if gguf else str(folder)
-    extra = {"gguf_file": gguf} if gguf else {}
-    try:
-        hf_config = AutoConfig.from_pretrained(folder, **extra)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{where}: cannot read its config: {_first_line(e)}") from None
-    cfg = hf_to_keel_config(hf_config, src=where)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=torch.float32, **extra)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{where}: cannot load its weights: {_first_line(e)}") from None
-    hf_sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    del model
-    sd = hf_to_keel_state_dict(hf_sd, cfg, src=where)
-    tokenizer = None
-    if gguf or any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    return cfg, sd, tokenizer
-
-
-# ------------------------------------------------------------------ save
-def _tensors_for_file(hf_sd: dict) -> tuple[dict, torch.dtype]:
-    """CPU, contiguous, one dtype (the weights' own, fp32 when mixed), no two sharing storage."""
-    dtypes = {t.dtype for t in hf_sd.values() if t.is_floating_point()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    out, seen = {}, set()
-    for name, t in hf_sd.items():
-        t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out, dtype
-
-
-def write_hf_folder(out: Union[str, Path], tensors: dict, config_json: dict, tokenizer_dir: Optional[Path],
-                    bos_id: Optional[int], eos_id: Optional[int], extra_files: tuple = ()) -> Path:
-    """An HF model folder at `out`: safetensors, config.json, generation_config.json, the tokenizer
-    files and `extra_files` (e.g. remote code), built beside `out` and renamed into place."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if tokenizer_dir is not None:
-            for f in sorted(Path(tokenizer_dir).iterdir()):
-                if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
-                    shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def save_hf(model_cfg: TransformerConfig, state_dict: dict, out: Union[str, Path],
-            tokenizer_dir: Optional[Path] = None, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
-    """Write an HF model folder at `out` (atomically: built beside it, then renamed into place)."""
-    hf_config = keel_to_hf_config(model_cfg, bos_id, eos_id)
-    tensors, dtype = _tensors_for_file(keel_to_hf_state_dict(state_dict, model_cfg))
+def hf_config_dict(cfg: TransformerConfig, bos_id: Optional[int], eos_id: Optional[int], dtype: torch.dtype) -> dict:
+    """config.json of the export, as `save_pretrained` writes it."""
+    hf_config = keel_to_hf_config(cfg, bos_id, eos_id)
     hf_config.dtype = dtype
-    config_json = json.loads(hf_config.to_json_string(use_diff=True))  # what save_pretrained writes
+    config_json = json.loads(hf_config.to_json_string(use_diff=True))
     # transformers 5 writes `dtype`; older readers (and some vLLM versions) look for `torch_dtype`.
     config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return write_hf_folder(out, tensors, config_json, tokenizer_dir, bos_id, eos_id)
+    return config_json
 
 
-# ------------------------------------------------------------------ keel checkpoints
-def import_hf(src: Union[str, Path], out: Union[str, Path]) -> Path:
-    """An HF model (folder, .gguf or `smollm2`) as a keel checkpoint folder holding only its weights."""
-    from keel.train.checkpoint import write_model_checkpoint
-    cfg, sd, tokenizer = load_hf(src)
-    path = write_model_checkpoint(Path(out), cfg, sd, tokenizer=tokenizer)
-    n = sum(t.numel() for t in sd.values())
-    print(f"keel import: {src} -> {path} ({cfg.name}, {n / 1e6:.1f}M params, {cfg.n_layers} layers)")
-    return path
-
-
-# Families whose HF export is their own "module:function" (cfg, state_dict, out, tokenizer_dir, bos_id, eos_id).
-FAMILY_EXPORTERS = {"ksa": "keel.model.ksa_hf:save_ksa_hf"}
-
-
-def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
-    """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM."""
-    from keel.train.checkpoint import load_model_checkpoint
-    cfg, sd, tokenizer_dir = load_model_checkpoint(ckpt)
-    bos_id = eos_id = None
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
-    if cfg.name in FAMILY_EXPORTERS:  # a family with its own HF layout (remote code)
-        module, _, fn = FAMILY_EXPORTERS[cfg.name].partition(":")
-        save, arch = getattr(importlib.import_module(module), fn), f"{cfg.name} remote code"
-    else:
-        save, arch = save_hf, keel_to_hf_config(cfg).architectures[0]
-    path = save(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
-    print(f"keel export: {ckpt} -> {path} ({arch}, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M params)")
-    return path
+LLAMA_HF_ADAPTER = HFAdapter(
+    to_config=hf_config_dict,
+    to_state_dict=lambda sd, cfg: keel_to_hf_state_dict(sd, cfg),
+    tensor_name=hf_tensor_name,
+    architectures=ARCHITECTURES,
+    from_config=hf_to_keel_config,
+    from_state_dict=hf_to_keel_state_dict,
+    model_types=tuple(_BY_MODEL_TYPE.items()),
+)

@@ -1,82 +1,35 @@
-"""KSA (Kwai Summary Attention) — layout and attention-mask rule (PAPERS.md §1.2).
+"""KSA (Kwai Summary Attention): the backbone with learnable summary tokens every N text tokens.
 
-Kept import-light (torch only): the Triton kernel imports `summary_attention_mask` from here.
-
-Expanded layout: after every N text tokens, S summary tokens are inserted:
-    [t_0 .. t_{N-1}, s_0 .. s_{S-1}] [t_N .. t_{2N-1}, s ..] ...
-Block length B = N + S; chunk id c(i) = i // B; position i is a summary iff i % B >= N.
-A trailing partial chunk (fewer than N text tokens) gets no summaries.
+A text token attends to its own chunk and the W previous chunks in full, and to older chunks only
+through their S summary tokens, so the KV cache grows as O(n/N) beyond the window. The layout and mask
+rule live in keel/kernels/ksa_layout.py (shared with the Triton kernel); this file is the model and
+its config. The method, its equations and keel's choices: docs/ksa.md.
 """
-
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
 import torch
+import torch.nn as nn
 
-from keel.model.ksa_attention import ksa_visible
-
-
-def expanded_length(text_len: int, chunk_size: int, summary_tokens: int) -> int:
-    """Length L of the expanded sequence for `text_len` text tokens (summaries only after full chunks)."""
-    return text_len + (text_len // chunk_size) * summary_tokens
-
-
-def expanded_layout(text_len: int, chunk_size: int, summary_tokens: int,
-                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map text length -> expanded layout.
-
-    Returns (text_index, is_summary), both of length L = expanded_length(...):
-      text_index[i] = index of the text token at expanded position i, or for a summary the index of the
-                      last text token of its chunk (the RoPE position it takes, §1.2 "last_chunk_slice_right");
-      is_summary[i] = True at summary positions.
-    The expanded positions of the text tokens are `text_positions_in_expanded(...)`.
-    """
-    block = chunk_size + summary_tokens
-    L = expanded_length(text_len, chunk_size, summary_tokens)
-    i = torch.arange(L, device=device)
-    chunk, offset = i // block, i % block
-    is_summary = offset >= chunk_size
-    text_index = chunk * chunk_size + torch.where(is_summary, chunk_size - 1, offset)
-    return text_index, is_summary
-
-
-def text_positions_in_expanded(text_len: int, chunk_size: int, summary_tokens: int,
-                               device=None) -> torch.Tensor:
-    """Expanded index of each of the `text_len` text tokens: j + (j // N) * S."""
-    j = torch.arange(text_len, device=device)
-    return j + (j // chunk_size) * summary_tokens
-
-
-def summary_attention_mask(seq_len: int, chunk_size: int, summary_tokens: int, window_chunks: int,
-                           device=None, skip_old_summary: bool = False) -> torch.Tensor:
-    """Boolean [L, L] KSA mask over the EXPANDED sequence (True = query row may attend key column).
-
-    seq_len is the expanded length L (text + inserted summaries; see `expanded_length`). It need not be a
-    multiple of B = N + S: positions follow the periodic layout, so a truncated sequence is a prefix.
-    Rule (§1.2, `build_summary_sliding_attention_mask` in the reference):
-      summary query q: key k in the same chunk and k <= q (own chunk's text + earlier own summaries);
-      text query q, k <= q and either
-        k text    and c(q) - c(k) <= W  (own chunk causally, W previous chunks fully), or
-        k summary and c(q) - c(k) >  W  (summaries of chunks older than the window).
-    skip_old_summary=True drops the old-summary term: pure sliding-chunk attention (Hybrid-SCA baseline).
-    """
-    i = torch.arange(seq_len, device=device)
-    return ksa_visible(i[:, None], i[None, :], chunk_size, summary_tokens, window_chunks, skip_old_summary)
-
-
-# ====================================================================== model
-# The layout helpers above are all the Triton kernel needs; the model below builds on the backbone.
-
-import copy  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Literal, Optional  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-
-from keel.errors import CheckpointError, ConfigError  # noqa: E402
-from keel.model.attention import AttentionMask  # noqa: E402
-from keel.model.backbone import (Attention, Transformer, TransformerBlock, TransformerConfig,  # noqa: E402
-                                 apply_rope)
-from keel.model.ksa_attention import KSA_ATTENTION_IMPLS, KSAMask  # noqa: E402
+from keel.errors import CheckpointError, ConfigError
+from keel.kernels.ksa_layout import (  # noqa: F401 (re-exported)
+    expanded_layout,
+    expanded_length,
+    ksa_visible,
+    summary_attention_mask,
+    text_positions_in_expanded,
+)
+from keel.model.attention import AttentionMask
+from keel.model.backbone import Attention, Transformer, TransformerBlock, TransformerConfig, apply_rope
+from keel.model.ksa_attention import KSA_ATTENTION_IMPLS, KSAMask
+from keel.model.ksa_cache import KSACache
+from keel.model.ksa_distill import distillation_loss
+from keel.model.ksa_hf import KSA_HF_ADAPTER
+from keel.model.registry import ModelSpec, register_model
+from keel.model.task import LanguageModelTask, decode_text
 
 # Shared modules that may get a private summary copy (`summary_private`). The paper's released
 # configuration shares all of them (q/k/v always have summary copies).
@@ -90,12 +43,14 @@ class KSAConfig(TransformerConfig):
     chunk_size: int = 8  # N text tokens per chunk
     summary_tokens: int = 1  # S summary tokens after each chunk
     window_chunks: int = 128  # W previous chunks whose text a text token sees in full
-    # Layer kinds, tiled over the layers: "ksa", or "full" = hybrid form 1 of §1.3 (text-only causal
-    # attention; summaries bypass the layer unchanged). Default 3:1 as the paper's Hybrid-KSA.
+    # Layer kinds, tiled over the layers: "ksa", or "full" = hybrid form 1 (docs/ksa.md#hybrid-layers:
+    # text-only causal attention; summaries bypass the layer unchanged). Default 3:1 as the paper's
+    # Hybrid-KSA.
     layer_pattern: list[str] = field(default_factory=lambda: ["ksa", "ksa", "ksa", "full"])
-    # Per-KSA-layer windows, tiled over the layers (hybrid form 2 of §1.3, e.g. [128, 128, 128, 1024]
-    # with layer_pattern [ksa]); empty = window_chunks everywhere. A large-window layer keeps its window
-    # and old summaries at decode too (the reference's HF cache turns it into full attention instead).
+    # Per-KSA-layer windows, tiled over the layers (hybrid form 2, docs/ksa.md#hybrid-layers; e.g.
+    # [128, 128, 128, 1024] with layer_pattern [ksa]); empty = window_chunks everywhere. A large-window
+    # layer keeps its window and old summaries at decode too (the reference's HF cache turns it into
+    # full attention instead).
     layer_windows: list[int] = field(default_factory=list)
     skip_old_summary: bool = False  # True: sliding-chunk attention without summaries (Hybrid-SCA baseline)
     ksa_attention: str = "dense"  # dense | flex | triton (KSA_ATTENTION_IMPLS)
@@ -104,12 +59,13 @@ class KSAConfig(TransformerConfig):
     # run without summaries (CPT stage 1); anneal (CPT stages 2-3) and full (from scratch): every
     # parameter trains on plain CE.
     ksa_stage: Literal["distill", "anneal", "full"] = "full"
-    distill_ce_weight: float = 1.0
-    distill_kl_weight: float = 5.0
-    distill_mse_weight: float = 5.0
-    distill_mse_clamp: float = 0.1
-    # The reference can RMS-normalise attention outputs before the MSE; its default is not in the spec.
-    # keel normalises by default, which makes the 0.1 clamp mean the same thing at every model width.
+    distill_ce_weight: float = 1.0  # distill stage: weight of the cross-entropy term
+    distill_kl_weight: float = 5.0  # distill stage: weight of KL(teacher || student) over the vocabulary
+    distill_mse_weight: float = 5.0  # distill stage: weight of the attention-output MSE
+    distill_mse_clamp: float = 0.1  # distill stage: the MSE term is clamped to at most this
+    # The official code can RMS-normalise attention outputs before the MSE (its default: off). keel
+    # normalises by default, which makes the 0.1 clamp mean the same thing at every model width
+    # (docs/ksa.md#choices-where-the-paper-is-silent).
     distill_mse_rms_norm: bool = True
 
     def validate(self) -> None:
@@ -242,7 +198,7 @@ class FullBlock(TransformerBlock):
 
 
 class KSATransformer(Transformer):
-    """The backbone with S summary tokens after every N text tokens (PAPERS.md §1).
+    """The backbone with S summary tokens after every N text tokens (docs/ksa.md).
 
     Callers see text only: input_ids/positions/doc_ids/labels are [B, T] text tensors and logits come
     back for text positions; summaries are inserted after the embedding and removed before the LM head,
@@ -354,7 +310,6 @@ class KSATransformer(Transformer):
     def forward(self, input_ids, labels=None, positions=None, doc_ids=None, cache=None):
         if labels is None or cache is not None or not self.training or self.config.ksa_stage != "distill":
             return super().forward(input_ids, labels, positions, doc_ids, cache)
-        from keel.model.ksa_distill import distillation_loss
         with torch.no_grad():
             teacher_attn: list = []
             teacher = self.dense_hidden_states(input_ids, positions, doc_ids, teacher_attn)
@@ -364,7 +319,6 @@ class KSATransformer(Transformer):
                                  self.config)
 
     def new_kv_cache(self, batch: int, max_len: int):
-        from keel.model.ksa_cache import KSACache
         return KSACache(self, batch, max_len)
 
 
@@ -383,3 +337,10 @@ def ksa_from_dense(dense, cfg: KSAConfig) -> KSATransformer:
         raise CheckpointError(f"dense weights have keys this KSA model lacks: {sorted(unexpected)[:5]}")
     model.init_missing_weights(set(missing))
     return model
+
+
+# KSA's summary projections need their own TP styles, its expanded sequence its own CP split and
+# PP stages: data parallelism only for now (refused with a clear error otherwise).
+register_model(ModelSpec("ksa", KSAConfig, KSATransformer, LanguageModelTask,
+                         "Kwai Summary Attention: summary tokens every N text tokens (docs/ksa.md)",
+                         model_parallel=(), decode=decode_text, hf=KSA_HF_ADAPTER))

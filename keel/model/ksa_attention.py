@@ -1,8 +1,8 @@
 """KSA attention cores over the expanded (text + summary) sequence, looked up by `model.ksa_attention`.
 
 Every core takes q [B, Hq, L, D], k and v [B, Hkv, L, D] (normed, rotated), a `KSAMask` and the layer's
-window (layers may differ: hybrid form 2 of PAPERS.md §1.3) and returns [B, Hq, L, D]; every core must
-agree with `keel.model.ksa.summary_attention_mask` (tests/test_ksa_model.py checks dense and flex).
+window (layers may differ: hybrid form 2, docs/ksa.md#hybrid-layers) and returns [B, Hq, L, D]; every core must
+agree with `keel.kernels.ksa_layout.summary_attention_mask` (tests/test_ksa_model.py checks dense and flex).
 
   dense   boolean-mask SDPA: the reference, trains on CPU (O(L^2) mask).
   flex    torch FlexAttention with a BlockMask built from the same rule (no dense mask); compiled on
@@ -16,27 +16,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from keel.errors import ConfigError
-
-
-def ksa_visible(q_idx, k_idx, chunk_size: int, summary_tokens: int, window_chunks: int,
-                skip_old_summary: bool = False):
-    """§1.2's rule, elementwise on expanded indices (broadcasting tensors; also a FlexAttention mask_mod body).
-
-    q_idx/k_idx are indices in the expanded layout [t_0..t_{N-1}, s_0..s_{S-1}] [t_N ..] ...
-    """
-    block = chunk_size + summary_tokens
-    q_summary = (q_idx % block) >= chunk_size
-    k_summary = (k_idx % block) >= chunk_size
-    chunk_distance = q_idx // block - k_idx // block
-    summary_query = q_summary & (chunk_distance == 0)
-    text_key_in_window = ~k_summary & (chunk_distance <= window_chunks)
-    if skip_old_summary:  # sliding-chunk attention (the Hybrid-SCA baseline)
-        text_query = ~q_summary & text_key_in_window
-    else:
-        text_query = ~q_summary & (text_key_in_window | (k_summary & (chunk_distance > window_chunks)))
-    return (k_idx <= q_idx) & (summary_query | text_query)
+from keel.kernels.ksa_layout import ksa_visible
 
 
 @dataclass
@@ -86,7 +69,6 @@ _compiled_flex = None
 
 
 def flex_ksa_attention(q, k, v, mask: KSAMask, window_chunks: int) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     global _compiled_flex
     seq_len, device = q.shape[2], q.device
@@ -105,7 +87,7 @@ def flex_ksa_attention(q, k, v, mask: KSAMask, window_chunks: int) -> torch.Tens
 
 def triton_ksa_attention(q, k, v, mask: KSAMask, window_chunks: int) -> torch.Tensor:
     try:
-        from keel.kernels.ksa_attention import ksa_attention
+        from keel.kernels.ksa_attention import ksa_attention  # lazy: imports triton (optional, GPU)
     except ImportError as e:
         raise ConfigError(f"model.ksa_attention: 'triton' needs keel.kernels.ksa_attention.ksa_attention, "
                           f"which could not be imported ({e}); use 'dense' or 'flex'") from None

@@ -6,9 +6,9 @@ Per KSA layer and batch row the cache keeps
     slot = text index mod ring size; and
   a summary store, append-only, slot = chunk * S + s (summaries are what reaches past the window).
 RoPE is applied before caching, so physical order is irrelevant: every slot records its index `g` in
-the row's own expanded sequence (-1 = empty) and the mask is §1.2's rule on g, the very function the
-training cores use (`ksa_visible`). Full-attention layers see only text and keep a plain
-keel.model.generation.KVCache.
+the row's own expanded sequence (-1 = empty) and the mask is the KSA rule (docs/ksa.md#attention-pattern)
+on g, the very function the training cores use (`ksa_visible`). Full-attention layers see only text and
+keep a plain keel.model.generation.KVCache.
 
 Rows are at different chunk phases (left padding), so a step's input is, per row, its new text tokens
 followed by the summary tokens of the chunks those tokens complete; rows completing fewer chunks get
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from keel.kernels.ksa_layout import ksa_visible
 from keel.model.generation import KVCache
-from keel.model.ksa_attention import ksa_visible
 
 
 @dataclass

@@ -1,16 +1,19 @@
-"""KSA stage-1 self-distillation loss (PAPERS.md §1.5), as a per-token SUM (the Trainer divides by
-the global count of label tokens, like the plain next-token loss).
+"""KSA stage-1 self-distillation loss (docs/ksa.md#stage-1-distillation-loss), as a per-token SUM (the
+Trainer divides by the global count of label tokens, like the plain next-token loss).
 
     L = ce_w * CE + kl_w * KL(teacher || student) + ce-count * mse_w * mean_layers(clamp(MSE_l, 0, c))
 
 The teacher is the same model run without summary tokens (no grad). KL is the reference's
 `F.kl_div(log p_s, log p_t, log_target=True)`, i.e. KL(teacher || student), per label token.
 MSE_l compares layer l's attention output (after o-projection) at text positions that carry a label,
-optionally RMS-normalised; it is a mean over this micro-batch's tokens and clamped per layer as the
-reference does, then counted once per label token so it keeps its weight after the Trainer's division.
-Choices the spec leaves open (documented, configurable in KSAConfig): every layer's attention output
-enters the mean (full layers too: their inputs move with the KSA layers below), and the
-RMS normalisation is on by default (`distill_mse_rms_norm`).
+optionally RMS-normalised; it is a mean over this micro-batch's tokens, and keel clamps that per-layer
+mean (the official code clamps per element, then averages: a known difference, listed in
+docs/ksa.md#not-implemented-known-gaps). It is then counted once per label token so it keeps its
+weight after the Trainer's division.
+Other places where keel departs from the official code (docs/ksa.md#choices-where-the-paper-is-silent):
+every layer's attention output enters the mean (full layers too: their inputs move with the KSA layers
+below; the official code uses KSA layers only), and the RMS normalisation is on by default
+(`KSAConfig.distill_mse_rms_norm`; the official default is off).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Hugging Face export of KSA checkpoints: a transformers remote-code model folder.
+"""Hugging Face adapter of the KSA family: export as a transformers remote-code model folder.
 
-`keel export hf` dispatches here for `model.name: ksa` (keel/model/hf.py). The folder holds
+Pure mappings (keel/checkpoint/hf.py writes the folder through the family's registered adapter). The folder holds
 model.safetensors, config.json (architectures ["KSAForCausalLM"], auto_map to the remote code),
 generation_config.json, the tokenizer files and keel/model/ksa_remote/modeling_ksa.py, so
 
@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from keel.errors import CheckpointError
-from keel.model.ksa import KSAConfig
+from keel.model.registry import HFAdapter
 
 REMOTE_DIR = Path(__file__).resolve().parent / "ksa_remote"
 REMOTE_FILES = ("modeling_ksa.py",)
@@ -54,7 +56,8 @@ def hf_name(name: str) -> str:
     raise CheckpointError(f"KSA export: no Hugging Face name for tensor {name!r}")
 
 
-def hf_config_dict(cfg: KSAConfig, bos_id: Optional[int], eos_id: Optional[int], dtype) -> dict:
+def hf_config_dict(cfg, bos_id: Optional[int], eos_id: Optional[int], dtype: torch.dtype) -> dict:
+    """config.json of the export, for a KSAConfig `cfg`."""
     s = cfg.rope_scaling
     rope = {"type": s.type, "theta": float(cfg.rope_theta), "factor": float(s.factor),
             "low_freq_factor": float(s.low_freq_factor), "high_freq_factor": float(s.high_freq_factor),
@@ -76,12 +79,10 @@ def hf_config_dict(cfg: KSAConfig, bos_id: Optional[int], eos_id: Optional[int],
     }
 
 
-def save_ksa_hf(cfg: KSAConfig, state_dict: dict, out, tokenizer_dir: Optional[Path] = None,
-                bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
-    """Write the remote-code HF folder at `out` (built beside it, then renamed into place)."""
-    from keel.model.hf import _tensors_for_file, write_hf_folder
+def hf_state_dict(state_dict: dict, cfg) -> dict:
+    """The export's tensors, HF-named (no lm_head when tied: the remote code ties it itself)."""
+    return {hf_name(k): v for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "output.weight")}
 
-    named = {hf_name(k): v for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "output.weight")}
-    tensors, dtype = _tensors_for_file(named)
-    return write_hf_folder(out, tensors, hf_config_dict(cfg, bos_id, eos_id, dtype), tokenizer_dir, bos_id, eos_id,
+
+KSA_HF_ADAPTER = HFAdapter(to_config=hf_config_dict, to_state_dict=hf_state_dict, tensor_name=hf_name,
                            extra_files=tuple(REMOTE_DIR / name for name in REMOTE_FILES))

@@ -32,9 +32,9 @@ from keel.errors import ConfigError
 
 @dataclass
 class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = 8  # rank of the low-rank update B @ A
+    alpha: float = 16.0  # scale: the update is multiplied by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
     # A regex searched in each nn.Linear's module name; the default adapts queries and values.
     targets: str = r"attention\.(wq|wv)$"
 
@@ -209,15 +209,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapted model's state dict with the keys and shapes of the un-adapted model (adapters
     folded into the weights): for HF export and rollout-engine weight sync. The model is untouched."""
     return {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_a", ".lora_b", ".base_weight"))}
-
-
-def adapter_optimizer(model: nn.Module, optim_cfg, total_steps: int):
-    """(optimizer, LR scheduler) over the adapters alone, as keel/train/optim.py builds them.
-    Adapters are all matrices, so the no-decay group is empty; it is dropped, because DCP's
-    flattened optimizer state cannot restore an empty parameter group."""
-    from keel.train.optim import build_optimizer, lr_multiplier
-
-    optimizer, _ = build_optimizer(model, optim_cfg, total_steps)
-    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, optim_cfg))
-    return optimizer, scheduler

@@ -1,7 +1,15 @@
 """Model families by name: `model.name` in a recipe picks a ModelSpec.
 
-A ModelSpec says how to build the family's single-device model from its config dataclass; later
-issues add the parallel plan and HF adapter beside it. Families register themselves on import.
+A family is one registration. Its ModelSpec carries everything the trainer, eval, CLI and
+exporters need, so none of them ever branches on a family's name:
+  config_cls + build   the single-device model (built on the meta device, materialised per shard)
+  tp_plan + model_parallel   which linears split how under TP, and which of tp/cp/pp it supports
+  task                 its training task: data, loss, eval metrics (keel/model/task.py)
+  decode               text in, text out for `keel generate` and the end-of-run sample (or None)
+  hf                   its Hugging Face adapter: pure config and tensor-name mappings (file I/O is
+                       keel/checkpoint's job)
+Built-in families register in their own modules, imported by keel/model/__init__.py; a user's
+family registers the same way from any module a recipe lists under `plugins:`.
 """
 from __future__ import annotations
 
@@ -9,8 +17,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
+from keel.config import build_dataclass, register_section
 from keel.errors import ConfigError
-from keel.model.backbone import Transformer, TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -33,16 +43,33 @@ TRANSFORMER_TP_PLAN = TensorParallelPlan(
 )
 
 
+@dataclass(frozen=True)
+class HFAdapter:
+    """A family's mapping to and from Hugging Face, as pure functions (no file is read or written)."""
+    to_config: Callable  # (cfg, bos_id, eos_id, dtype) -> config.json as a dict
+    to_state_dict: Callable  # (keel state dict, cfg) -> HF-named state dict
+    tensor_name: Callable  # keel tensor name -> HF name, for streaming weights one by one (vLLM sync)
+    architectures: tuple = ()  # transformers architectures this family imports (empty: export only)
+    from_config: Optional[Callable] = None  # (transformers config, source name) -> family config
+    from_state_dict: Optional[Callable] = None  # (HF state dict, cfg, source name) -> keel state dict
+    extra_files: tuple = ()  # files copied into an export beside the weights (remote code)
+    # (HF model_type, architecture) pairs, for configs without `architectures` (as GGUF files give)
+    model_types: tuple = ()
+
+
 @dataclass
 class ModelSpec:
     name: str
     config_cls: type
     build: Callable  # config -> nn.Module (call under torch.device("meta") for large models)
-    hf_architectures: tuple = ()  # transformers architectures this family imports / exports
+    task: Callable  # Config -> TrainingTask (keel/model/task.py)
     description: str = ""
     tp_plan: TensorParallelPlan = TRANSFORMER_TP_PLAN  # applied to every module in model.layers
     # Model parallelisms the family supports besides data parallelism (DDP / FSDP2 / HSDP / ZeRO).
     model_parallel: tuple = ("tp", "cp", "pp")
+    # (model, tokenizer folder or None, prompt, max_new_tokens, temperature, top_p, top_k, seed) -> text
+    decode: Optional[Callable] = None
+    hf: Optional[HFAdapter] = None
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -61,23 +88,40 @@ def get_model_spec(name) -> ModelSpec:
     return MODELS[name]
 
 
+def hf_architecture(hf_config) -> str:
+    """The architecture of a transformers config (from its model_type when it names none)."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    model_type = getattr(hf_config, "model_type", None)
+    by_type = {t: a for s in MODELS.values() if s.hf for t, a in s.hf.model_types}
+    return by_type.get(model_type, f"{model_type!r} (model_type)")
+
+
+def family_for_architecture(architecture: str) -> Optional[ModelSpec]:
+    """The family whose HF adapter imports `architecture`, or None."""
+    return next((s for s in MODELS.values() if s.hf and architecture in s.hf.architectures), None)
+
+
+def importable_architectures() -> list[str]:
+    return [a for s in MODELS.values() if s.hf for a in s.hf.architectures]
+
+
 def build_model(cfg, device: Optional[str] = None):
     """Build a family's model for `cfg` (its config dataclass), on `device` (e.g. "meta")."""
-    import torch
     spec = get_model_spec(cfg.name)
     with torch.device(device or "cpu"):
         return spec.build(cfg)
 
 
-register_model(ModelSpec("llama", TransformerConfig, Transformer, ("LlamaForCausalLM",),
-                         "Llama-shaped decoder (SmolLM2, Llama 2/3)"))
-register_model(ModelSpec("qwen3", TransformerConfig, Transformer, ("Qwen3ForCausalLM", "Qwen2ForCausalLM"),
-                         "Qwen3-shaped decoder (QK-norm)"))
+def model_config_from_dict(raw, key: str = "model"):
+    """The family's config dataclass for a `model:` mapping (chosen by its `name`), validated."""
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError(f"{key}.name: required (a registered model family, e.g. 'llama')")
+    cfg = build_dataclass(get_model_spec(raw["name"]).config_cls, raw, key)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
 
-from keel.model.ksa import KSAConfig, KSATransformer  # noqa: E402  (after the base families)
 
-# KSA's summary projections need their own TP styles, its expanded sequence its own CP split and
-# PP stages: data parallelism only for now (refused with a clear error otherwise).
-register_model(ModelSpec("ksa", KSAConfig, KSATransformer, (),
-                         "Kwai Summary Attention: summary tokens every N text tokens (PAPERS.md §1)",
-                         model_parallel=()))
+register_section("model", resolve=model_config_from_dict)

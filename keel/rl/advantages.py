@@ -107,7 +107,7 @@ def grpo(rewards, group, tasks, state, *, epsilon, norm_by_std, singleton):
                      difficulty_gamma=1.0, difficulty_smooth_alpha=0.8, singleton="reference")
 def tmn_reweight(rewards, group, tasks, state, *, epsilon, norm_adv_by_task_scale, difficulty_reweight,
                  difficulty_gamma, difficulty_smooth_alpha, singleton):
-    """GoLongRL's TMN-Reweight (PAPERS.md §6.2; verl `compute_tmn_grpo_outcome_advantage`).
+    """GoLongRL's TMN-Reweight (docs/grpo.md#tmn-reweight-estimator; verl `compute_tmn_grpo_outcome_advantage`).
 
     Centre per prompt, scale per task:  A_i = (r_i - mu_g) / (s_t + eps),  s_t = sqrt(mean_{g in t} var_g).
     Difficulty reweight: pass rate p_g = fraction of the group above a smoothed mean

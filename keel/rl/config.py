@@ -1,36 +1,41 @@
-"""The `rl:` section of a recipe: typed, validated like every other section.
+"""The `rl:` section of a recipe and the RL trainer registry.
 
-One RLConfig serves every RL trainer (grpo, dpo, opd). Sub-sections a trainer owns (`rl.dpo`,
-`rl.opd`) are plain mappings here and validated by that trainer's own dataclass. The usual
-sections still apply: `optim` (learning rate, schedule), `train.seed`, `train.grad_clip`,
-`checkpoint` (every, keep_last, resume), `logging`, `run.out_dir`, `precision.dtype`.
+One RLConfig holds what every RL trainer shares (policy, engine, rollouts, sampling, estimator and
+loss names). A trainer registers itself with `@register_rl_trainer(name, subsection=ItsConfig)`;
+its sub-section (`rl.<name>:`, e.g. rl.dpo) becomes a typed field of the `rl:` schema, validated by
+its own dataclass, and its `validate_config` runs when the recipe is loaded. Nothing here names a
+trainer. The usual sections still apply: `optim` (learning rate, schedule), `train.seed`,
+`train.grad_clip`, `checkpoint` (every, keep_last, resume), `logging`, `run.out_dir`, `precision.dtype`.
 """
 from __future__ import annotations
 
-import difflib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from keel.config import build_dataclass
+from keel.config import build_dataclass, choose, register_section
 from keel.errors import ConfigError
+from keel.rl import losses
+from keel.rl.advantages import estimator_options
+from keel.rl.engines import ENGINES
 
 
 @dataclass
 class SamplingConfig:
-    max_tokens: int = 256
+    max_tokens: int = 256  # longest response, in tokens
     temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling mass; 1: off
     top_k: int = 0  # 0: off
     stop: list[str] = field(default_factory=list)  # extra stop strings, each must be one token
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # a response ends at the tokenizer's EOS token
 
 
 @dataclass
 class VLLMConfig:
-    gpu_memory_utilization: float = 0.5
-    dtype: str = "bfloat16"
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (weights + KV cache)
+    dtype: str = "bfloat16"  # vLLM's compute dtype
+    tensor_parallel_size: int = 1  # vLLM's own tensor parallelism
+    enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decode)
     sleep: bool = True  # free vLLM's weights + KV cache while the trainer runs (enable_sleep_mode)
     bucket_mb: int = 512  # tensor_parallel_size > 1: weights pushed to vLLM's workers in buckets of this many MiB
     max_model_len: int = 0  # 0: prompt + response budget of this recipe
@@ -38,7 +43,7 @@ class VLLMConfig:
 
 @dataclass
 class RLConfig:
-    trainer: str = "grpo"  # grpo | dpo | opd (RL_TRAINERS in keel/rl/run.py)
+    trainer: str = "grpo"  # a registered RL trainer: grpo | dpo | opd (RL_TRAINERS)
     # The policy's starting weights: `smollm2`, an HF model folder or .gguf, or a keel run/checkpoint.
     policy: str = "smollm2"
     chat_template: bool = True  # wrap each prompt as a user turn with the tokenizer's chat template
@@ -55,9 +60,9 @@ class RLConfig:
     eval_every: int = 0  # 0: only before the first and after the last step
     eval_max_tokens: int = 0  # 0: sampling.max_tokens
     eval_temperature: float = 0.0  # 0: greedy (GoLongRL validates at 0.6 / top-p 0.95)
-    eval_top_p: float = 1.0
-    steps: int = 100
-    prompts_per_step: int = 8
+    eval_top_p: float = 1.0  # held-out eval: nucleus mass
+    steps: int = 100  # RL steps (each: rollouts, then mini_batches optimizer updates)
+    prompts_per_step: int = 8  # prompts sampled per step
     group_size: int = 8  # rollouts per prompt (G)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_prompt_tokens: int = 1024  # longer prompts are cut from the left (GoLongRL: truncation left)
@@ -68,39 +73,55 @@ class RLConfig:
     # Truncated importance sampling of trainer vs rollout-engine token probabilities: weights
     # clipped to [is_cap_low, is_cap] (is_cap 0: off); a sequence with a ratio below is_veto is dropped.
     is_cap: float = 2.0
-    is_cap_low: float = 0.0
-    is_veto: Optional[float] = None
+    is_cap_low: float = 0.0  # lower clip of the importance weights (0: none)
+    is_veto: Optional[float] = None  # drop a sequence whose token ratio falls below this (None: never)
     kl_coef: float = 0.0  # > 0: KL to a frozen copy of the starting policy
-    kl_kind: str = "k3"
-    entropy_coef: float = 0.0
+    kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3
+    entropy_coef: float = 0.0  # weight of an entropy bonus
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO filter_groups)
     max_gen_batches: int = 4  # dynamic sampling: generation rounds per step before training anyway
     mini_batches: int = 1  # optimizer updates per step (PPO mini-batches), 1 epoch
     micro_batch: int = 8  # sequences per forward/backward
-    dpo: Optional[dict] = None  # keel/rl/dpo.py DPOConfig validates it
-    opd: Optional[dict] = None  # keel/rl/distill.py OPDConfig validates it
 
 
-def _choice(key: str, value: str, names) -> None:
-    names = sorted(names)
-    if value not in names:
-        close = difflib.get_close_matches(str(value), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: unknown name {value!r}{hint}; expected one of {names}")
+# ------------------------------------------------------------------ the trainer registry
+
+RL_TRAINERS: dict[str, type] = {}
+RL_SUBSECTIONS: dict[str, type] = {}  # rl.<name> -> the dataclass of a trainer's own options
+
+
+def register_rl_trainer(name: str, subsection: Optional[type] = None):
+    """Class decorator: `rl.trainer: name` runs this class; `rl.<name>:` is parsed as `subsection`."""
+    def decorator(cls):
+        RL_TRAINERS[name] = cls
+        if subsection is not None:
+            RL_SUBSECTIONS[name] = subsection
+        return cls
+    return decorator
+
+
+def get_rl_trainer(name: str):
+    choose("rl.trainer", name, RL_TRAINERS)
+    return RL_TRAINERS[name]
+
+
+def rl_schema() -> type:
+    """RLConfig plus one optional field per registered trainer sub-section (rl.dpo, rl.opd, ...)."""
+    extra = [(name, Optional[cls], field(default=None)) for name, cls in RL_SUBSECTIONS.items()]
+    if not extra:
+        return RLConfig
+    return dataclasses.make_dataclass("RLConfig", extra, bases=(RLConfig,))
 
 
 def build_rl_config(raw) -> RLConfig:
-    return raw if isinstance(raw, RLConfig) else build_dataclass(RLConfig, raw, "rl")
+    return raw if isinstance(raw, RLConfig) else build_dataclass(rl_schema(), raw, "rl")
 
 
 def validate_rl(rl: RLConfig) -> None:
     """Checks that need no model or data: names exist, numbers are in range."""
-    from keel.rl.engines import ENGINES
-    from keel.rl.run import RL_TRAINERS, get_rl_trainer
-
-    _choice("rl.trainer", rl.trainer, RL_TRAINERS)
-    _choice("rl.engine", rl.engine, ENGINES)
-    _choice("rl.engine_dtype", rl.engine_dtype, ("float32", "bfloat16", "float16"))
+    choose("rl.trainer", rl.trainer, RL_TRAINERS)
+    choose("rl.engine", rl.engine, ENGINES)
+    choose("rl.engine_dtype", rl.engine_dtype, ("float32", "bfloat16", "float16"))
     for key in ("steps", "prompts_per_step", "group_size", "engine_batch", "engine_cpu_threads", "micro_batch",
                 "mini_batches", "max_gen_batches", "max_prompt_tokens"):
         if getattr(rl, key) <= 0:
@@ -129,27 +150,24 @@ def validate_rl(rl: RLConfig) -> None:
 
 def check_registries(rl: RLConfig) -> None:
     """Names looked up in the RL-algorithm registries (advantage estimators, policy losses)."""
-    from keel.rl import losses
-    from keel.rl.advantages import estimator_options
-
     estimator_options(rl.advantage, rl.advantage_cfg, "rl.advantage_cfg" if rl.advantage_cfg else "rl.advantage")
-    _choice("rl.loss", rl.loss, losses.POLICY_LOSSES)
+    choose("rl.loss", rl.loss, losses.POLICY_LOSSES)
     losses._options(rl.loss, loss_options(rl), "rl.loss_cfg")
 
 
 def loss_options(rl: RLConfig) -> dict:
     """rl.loss_cfg plus the KL / entropy terms, for losses that take them."""
-    from keel.rl.losses import POLICY_LOSSES
-
-    known = POLICY_LOSSES[rl.loss].options
+    known = losses.POLICY_LOSSES[rl.loss].options
     extra = {"kl_coef": rl.kl_coef, "kl_kind": rl.kl_kind, "entropy_coef": rl.entropy_coef}
     return {**{k: v for k, v in extra.items() if k in known}, **rl.loss_cfg}
 
 
-def validate_rl_section(cfg) -> None:
-    """Hook called from keel/config.py: turn `rl:` into an RLConfig and validate it."""
-    if cfg.rl is None:
-        return
-    cfg.rl = build_rl_config(cfg.rl)
-    validate_rl(cfg.rl)
+def resolve_rl_section(raw, key: str = "rl") -> RLConfig:
+    """The `rl:` section (registered below): built against the registered trainers, then checked."""
+    rl = build_rl_config(raw)
+    validate_rl(rl)
+    return rl
+
+
+register_section("rl", resolve=resolve_rl_section, optional=True)
 

@@ -1,4 +1,6 @@
-"""On-policy distillation (OPD) from one or more teachers, and CaMOPD (PAPERS.md §7).
+"""On-policy distillation (OPD) from one or more teachers, and CaMOPD (arXiv 2605.27115).
+
+Method notes: docs/on-policy-distillation.md.
 
 The student samples y ~ pi_s(.|x); the teacher routed to x (by PromptItem.source) scores the same
 tokens; the student is pushed to lower the reverse KL(pi_s || pi_T). `rl.opd.signal` picks how:
@@ -20,7 +22,8 @@ CaMOPD adds two things, each a pure function below:
     a step uses only its branch's prompts and loss (`AlternatingSchedule`);
   - gap-based selection: per sample, gap = mean_t |log pi_T(y_t) - log pi_s(y_t)|; only the top
     `keep_fraction` of the step's samples (at least one) carry loss (`select_by_gap`).
-The keep ratio and n_g are not in the available text (PAPERS.md: "likely n_g = 3"): both are config.
+The keep ratio and n_g are not in the available text (n_g = 3 reads the paper's "3+1"): both are config
+(docs/on-policy-distillation.md#choices-where-the-paper-is-silent).
 """
 from __future__ import annotations
 
@@ -33,10 +36,14 @@ import torch
 
 from keel.config import build_dataclass
 from keel.errors import ConfigError, DataError
-from keel.model.lora import LoRAConfig
+from keel.model.lora import LoRAConfig, apply_lora, has_lora, merged_state_dict
+from keel.rl.config import register_rl_trainer
+from keel.rl.engines import SamplingParams, build_engine
 from keel.rl.grpo import GRPOTrainer
+from keel.rl.prompts import load_prompts
 from keel.rl.run import PromptStream, RLRun, load_policy
 from keel.rl.scoring import full_vocab_kl, response_logprobs
+from keel.train.optim import adapter_optimizer
 
 
 # ---------------------------------------------------------------- config
@@ -45,17 +52,18 @@ class CaMOPDConfig:
     n_general: int = 3  # general-recovery steps before each domain-review step
     keep_fraction: float = 0.5  # share of each step's samples kept by teacher-student gap; 1: all
     domain_prompts: dict = field(default_factory=dict)  # prompt source of the domain branch
-    general_teacher: str = "general"
-    domain_teacher: str = "domain"
+    general_teacher: str = "general"  # teacher of the general-recovery branch (a key of rl.opd.teachers)
+    domain_teacher: str = "domain"  # teacher of the domain-review branch
 
 
 @dataclass
 class OPDConfig:
+    """rl.trainer opd: teachers, routing by prompt source, the signal, CaMOPD, optional LoRA."""
     # teacher name -> model (`smollm2`, an HF folder / .gguf, or a keel run / checkpoint), frozen.
     teachers: dict = field(default_factory=lambda: {"general": "smollm2"})
     routes: dict = field(default_factory=dict)  # PromptItem.source -> teacher name
     default_teacher: Optional[str] = None  # for sources without a route; None: unrouted is an error
-    signal: Literal["sampled", "full_vocab"] = "sampled"
+    signal: Literal["sampled", "full_vocab"] = "sampled"  # distillation signal: the sampled tokens' log-ratio, or the exact reverse KL over the vocabulary
     camopd: Optional[CaMOPDConfig] = None  # None: plain (multi-teacher) OPD
     lora: Optional[LoRAConfig] = None  # train adapters only
 
@@ -212,6 +220,7 @@ def distill_loss_sum(student: torch.nn.Module, teachers: dict, batch: DistillBat
 # ---------------------------------------------------------------- the trainer (`keel rl`, rl.trainer: opd)
 
 
+@register_rl_trainer("opd", subsection=OPDConfig)
 class OPDTrainer(RLRun):
     """Each step: [CaMOPD: pick the branch] -> prompts_per_step prompts -> group_size student samples
     each (rollout engine) -> teachers score them (routed by source) -> [CaMOPD: keep the high-gap
@@ -228,10 +237,6 @@ class OPDTrainer(RLRun):
         build_opd_config(rl.opd)
 
     def setup(self) -> None:
-        from keel.model.lora import adapter_optimizer, apply_lora
-        from keel.rl.engines import build_engine
-        from keel.rl.prompts import load_prompts
-
         rl, seed = self.rl, self.cfg.train.seed
         self.opd = build_opd_config(rl.opd)
         self.camopd = self.opd.camopd
@@ -267,8 +272,6 @@ class OPDTrainer(RLRun):
 
     def _sample(self, items, branch: str, seed: int):
         """(DistillBatch on the device, the engine's logprobs [B, L], rollouts)."""
-        from keel.rl.engines import SamplingParams
-
         s = self.rl.sampling
         prompt_ids = [self.encode_prompt(it.prompt) for it in items]
         params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -345,8 +348,6 @@ class OPDTrainer(RLRun):
                 "eval_reverse_kl_sampled": ((student - teacher)[batch.response_mask].sum() / tokens).item()}
 
     def sync_weights(self) -> float:
-        from keel.model.lora import has_lora, merged_state_dict
-
         t0 = time.perf_counter()
         named = merged_state_dict(self.policy).items() if has_lora(self.policy) else \
             ((n, p.detach()) for n, p in self.policy.named_parameters())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -28,36 +29,40 @@ import torch
 import torch.nn.functional as F
 
 from keel.config import build_dataclass
+from keel.data.assets import corpus_files
 from keel.errors import ConfigError
-from keel.model.lora import LoRAConfig, adapters_disabled, has_lora
-from keel.rl.preference import PairBatch
+from keel.model.lora import LoRAConfig, adapters_disabled, apply_lora, has_lora
+from keel.rl.config import register_rl_trainer
+from keel.rl.preference import PairBatch, PreferencePair, load_pairs, pairs_from_documents, save_pairs, tokenize_pairs
 from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import full_vocab_kl, response_logprobs
+from keel.train.optim import adapter_optimizer
 
 
 @dataclass
 class PairBuildConfig:
     """Pairs built from real text (keel/rl/preference.py pairs_from_documents)."""
     corpora: list[str] = field(default_factory=lambda: ["kjv"])  # fetched corpora (keel fetch)
-    n_pairs: int = 256
-    prompt_words: int = 24
-    response_words: int = 12
-    rejected: Literal["other_document", "shuffled"] = "other_document"
-    seed: int = 0
+    n_pairs: int = 256  # pairs to build
+    prompt_words: int = 24  # words of text in each prompt
+    response_words: int = 12  # words in each response
+    rejected: Literal["other_document", "shuffled"] = "other_document"  # rejected response: a passage of another document, or the chosen one's words shuffled
+    seed: int = 0  # seed of the pair construction
 
 
 @dataclass
 class DPOConfig:
+    """rl.trainer dpo: preference pairs, beta, the reference, optional LoRA."""
     pairs: Optional[str] = None  # a jsonl file of {prompt, chosen, rejected}
     build: Optional[PairBuildConfig] = None  # or pairs built from real text
     eval_fraction: float = 0.1  # pairs held out for the eval metrics
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    reference: Literal["model", "cached"] = "model"
+    beta: float = 0.1  # DPO temperature beta
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
+    reference: Literal["model", "cached"] = "model"  # the reference's log-probs: a frozen model in every step, or computed once and cached
     lora: Optional[LoRAConfig] = None  # train adapters only; the reference is the base
-    pairs_per_step: int = 8
-    max_prompt_tokens: int = 512
-    max_response_tokens: int = 512
+    pairs_per_step: int = 8  # pairs per optimizer step
+    max_prompt_tokens: int = 512  # longer prompts are cut from the left
+    max_response_tokens: int = 512  # longer responses are cut from the right
 
 
 def build_dpo_config(raw) -> DPOConfig:
@@ -161,9 +166,6 @@ class DPOObjective:
 
 
 def _pairs_of(cfg: DPOConfig):
-    from keel.data.assets import corpus_files
-    from keel.rl.preference import load_pairs, pairs_from_documents
-
     if cfg.pairs is not None:
         return load_pairs(cfg.pairs)
     b = cfg.build
@@ -171,6 +173,7 @@ def _pairs_of(cfg: DPOConfig):
     return pairs_from_documents(files, b.n_pairs, b.prompt_words, b.response_words, b.rejected, b.seed)
 
 
+@register_rl_trainer("dpo", subsection=DPOConfig)
 class DPOTrainer(RLRun):
     """Each step: pairs_per_step pairs (a seeded, resumable order) -> DPO loss in micro-batches of
     rl.micro_batch pairs -> one optimizer step. Held-out pairs give the eval metrics."""
@@ -182,9 +185,6 @@ class DPOTrainer(RLRun):
         build_dpo_config(rl.dpo)
 
     def setup(self) -> None:
-        import random
-        from keel.model.lora import adapter_optimizer, apply_lora
-
         self.dpo = build_dpo_config(self.rl.dpo)
         if self.dpo.lora is not None:  # adapters only: the optimizer must see just them
             apply_lora(self.policy, self.dpo.lora, "rl.dpo.lora")
@@ -203,8 +203,6 @@ class DPOTrainer(RLRun):
         self.objective = DPOObjective.for_policy(self.policy, self.dpo)
 
     def _batches(self, pairs):
-        from keel.rl.preference import tokenize_pairs
-
         size = self.rl.micro_batch
         for start in range(0, len(pairs), size):
             chunk = pairs[start:start + size]
@@ -215,8 +213,6 @@ class DPOTrainer(RLRun):
     def _cache_reference(self, pairs):
         """The starting policy's (= the reference's) sums for every pair, computed once and kept in
         <run>/reference_logprobs.jsonl, which a resumed run reads instead of recomputing."""
-        from keel.rl.preference import PreferencePair, load_pairs, save_pairs
-
         path = self.run_dir / "reference_logprobs.jsonl"
         if path.is_file():
             cached = load_pairs(path)

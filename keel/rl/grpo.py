@@ -19,15 +19,19 @@ from collections import defaultdict
 import torch
 
 from keel.errors import ConfigError
+from keel.rl import losses
+from keel.rl.advantages import compute_advantages
+from keel.rl.config import check_registries, loss_options, register_rl_trainer
 from keel.rl.engines import SamplingParams, build_engine
+from keel.rl.prompts import load_prompts
+from keel.rl.rewards import get_reward
 from keel.rl.run import PromptStream, RLRun, logprobs_of
 
 
+@register_rl_trainer("grpo")
 class GRPOTrainer(RLRun):
     @classmethod
     def validate_config(cls, rl) -> None:
-        from keel.rl.config import check_registries
-
         if rl.group_size < 2:  # a single rollout has no group to be compared against
             raise ConfigError(f"rl.group_size: GRPO needs at least 2 rollouts per prompt, got {rl.group_size}")
         if not rl.prompts:
@@ -41,8 +45,6 @@ class GRPOTrainer(RLRun):
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        from keel.rl.prompts import load_prompts
-
         rl = self.rl
         self.prompts = PromptStream(load_prompts(rl.prompts), self.cfg.train.seed)
         self.eval_items = load_prompts(rl.eval_prompts) if rl.eval_prompts else []
@@ -94,8 +96,6 @@ class GRPOTrainer(RLRun):
 
     # ---------------------------------------------------------------- rollouts
     def _score(self, items, rollouts) -> list[float]:
-        from keel.rl.rewards import get_reward
-
         rewards = []
         for ro in rollouts:
             item = items[ro.prompt_index]
@@ -169,9 +169,6 @@ class GRPOTrainer(RLRun):
 
     def _micro_loss(self, ids, mask, rollout_lp, adv, old_lp, token_count):
         """Loss of one micro-batch, divided by the mini-batch's token count, and its metrics."""
-        from keel.rl import losses
-        from keel.rl.config import loss_options
-
         rl = self.rl
         with self.autocast():
             out = logprobs_of(self.policy, ids, mask, rl.sampling.temperature, with_entropy=rl.entropy_coef > 0)
@@ -193,8 +190,6 @@ class GRPOTrainer(RLRun):
         return loss, metrics
 
     def train_step(self) -> dict:
-        from keel.rl.advantages import compute_advantages
-
         rl = self.rl
         groups, row = self.collect()
         if not groups:  # every group filtered: nothing to learn from this step

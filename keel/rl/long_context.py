@@ -19,8 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from keel.data.assets import corpus_files
 from keel.errors import ConfigError
-from keel.rl.prompts import PromptItem
+from keel.rl.prompts import PromptItem, register_prompt_source
 
 TASKS = {"retrieval": "rouge_l", "quote_source": "em", "counting": "em", "ordering": "pairwise_accuracy"}
 CORPORA = {"kjv": ("kjv",), "shakespeare": ("shakespeare",), "both": ("kjv", "shakespeare")}
@@ -84,7 +85,6 @@ def _doc_name(stem: str, corpus: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def load_documents(corpus: str) -> tuple:
-    from keel.data.assets import corpus_files
     docs = []
     for name in CORPORA[corpus]:
         for path in corpus_files(name):
@@ -216,3 +216,16 @@ def build_item(cfg: LongContextConfig, index: int, tokenizer=None) -> PromptItem
 
 def build_long_context_items(cfg: LongContextConfig, tokenizer: Optional[object] = None) -> list[PromptItem]:
     return [build_item(cfg, i, tokenizer) for i in range(cfg.n)]
+
+
+# --------------------------------------------------------------------------------------- long_context
+
+@register_prompt_source("long_context", corpus="kjv", tasks=("retrieval", "quote_source", "counting", "ordering"),
+                        n=64, seed=0, context_tokens=2048, chars_per_token=4.0, tokenizer=None,
+                        n_docs=3, order_k=2, think_gate=False)
+def load_long_context(opts: dict) -> list[PromptItem]:
+    tokenizer = opts.pop("tokenizer")
+    if tokenizer is not None and isinstance(tokenizer, str):
+        from transformers import AutoTokenizer  # heavy: only for a tokenizer named by path
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return build_long_context_items(LongContextConfig(**opts), tokenizer=tokenizer)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 from keel.data.jsonl import jsonl_records
 from keel.errors import ConfigError, DataError
+from keel.rl.rewards import REWARDS, get_reward
+from keel.rl.rewards.reasoning_gym import dataset_for, import_reasoning_gym
 
 
 @dataclass
@@ -79,7 +81,6 @@ def source_options(cfg, key: str = "rl.prompts") -> tuple[str, dict]:
 def load_prompts(source_cfg, key: str = "rl.prompts") -> list[PromptItem]:
     name, options = source_options(source_cfg, key)
     items = PROMPT_SOURCES[name].load(options)
-    from keel.rl.rewards import get_reward
     for item in items[:1] + items[-1:]:
         get_reward(item.reward, f"{key}.reward")
     return items
@@ -93,7 +94,6 @@ def load_jsonl(opts: dict) -> list[PromptItem]:
 
     A line's own `reward` overrides the source's; one of the two must name a known reward.
     """
-    from keel.rl.rewards import REWARDS
     path = Path(opts["path"])
     items = []
     for where, row in jsonl_records(path, "prompt file"):
@@ -132,7 +132,6 @@ def load_reasoning_gym(opts: dict) -> list[PromptItem]:
     "direct", "chain_of_draft"; all ask for the final answer last, in <answer> tags) or "none". It
     is put before the question, and also kept in meta["system_prompt"] for chat templates.
     """
-    from keel.rl.rewards.reasoning_gym import dataset_for, import_reasoning_gym
     rg = import_reasoning_gym()
     name = opts["name"]
     if name not in rg.factory.DATASETS:
@@ -154,17 +153,3 @@ def load_reasoning_gym(opts: dict) -> list[PromptItem]:
             meta={"entry": entry, "dataset": name, "dataset_config": config, "system_prompt": system,
                   "question": entry["question"], "think_gate": bool(opts["think_gate"])}))
     return items
-
-
-# --------------------------------------------------------------------------------------- long_context
-
-@register_prompt_source("long_context", corpus="kjv", tasks=("retrieval", "quote_source", "counting", "ordering"),
-                        n=64, seed=0, context_tokens=2048, chars_per_token=4.0, tokenizer=None,
-                        n_docs=3, order_k=2, think_gate=False)
-def load_long_context(opts: dict) -> list[PromptItem]:
-    from keel.rl.long_context import LongContextConfig, build_long_context_items
-    tokenizer = opts.pop("tokenizer")
-    if tokenizer is not None and isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return build_long_context_items(LongContextConfig(**opts), tokenizer=tokenizer)

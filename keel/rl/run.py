@@ -10,7 +10,7 @@ resumable state (prompt position, estimator state: plain Python and tensors) and
            optimizer + LR schedule (keel/train/optim.py, over rl.steps) -> resume -> metrics
   loop     train_step -> optimizer step (grad clip) -> metrics.jsonl / wandb -> checkpoint every N
   resume   policy, optimizer, scheduler, step, the trainer's state and every RNG, from the newest
-           committed (atomic) checkpoint (keel/train/checkpoint.py); a killed run picks up exactly
+           committed (atomic) checkpoint (keel/checkpoint/dcp.py); a killed run picks up exactly
            where its last checkpoint left it.
 
 The run directory is a normal keel run: `keel.load(run_dir)` gives the trained policy and
@@ -18,7 +18,6 @@ The run directory is a normal keel run: `keel.load(run_dir)` gives the trained p
 """
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,31 +25,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from keel.checkpoint.dcp import Checkpointer
+from keel.checkpoint.files import COMPLETE, resolve_checkpoint, tokenizer_dir_of
+from keel.checkpoint.hf import load_hf, locate
+from keel.checkpoint.model_io import load_model
 from keel.config import Config, save_resolved
+from keel.data.tokenizer import Tokenizer
 from keel.errors import ConfigError
+from keel.model.registry import build_model
 from keel.train import faults
-from keel.train.checkpoint import COMPLETE, Checkpointer, load_model, resolve_checkpoint, tokenizer_dir_of
 from keel.train.metrics import MetricsLogger, ProgressLine
 from keel.train.optim import build_optimizer, clip_grad_norm
-
-# rl.trainer -> "module:Class", imported on use (each trainer pulls in only what it needs).
-RL_TRAINERS: dict[str, str] = {
-    "grpo": "keel.rl.grpo:GRPOTrainer",
-    "dpo": "keel.rl.dpo:DPOTrainer",
-    "opd": "keel.rl.distill:OPDTrainer",
-}
-
-
-def get_rl_trainer(name: str):
-    if name not in RL_TRAINERS:
-        from keel.rl.config import _choice
-        _choice("rl.trainer", name, RL_TRAINERS)
-    module, cls = RL_TRAINERS[name].split(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rl.trainer: {name!r} is not available in this install ({e})") from None
-
 
 # ------------------------------------------------------------------ policy
 
@@ -60,8 +45,6 @@ def _is_keel_checkpoint(path: Path) -> bool:
 
 def load_policy(spec: str, device: torch.device | str = "cpu"):
     """(model in fp32 on `device`, keel Tokenizer) from `smollm2`, an HF folder/.gguf, or a keel run."""
-    from keel.data.tokenizer import Tokenizer
-
     path = Path(spec).expanduser()
     if spec != "smollm2" and path.exists() and _is_keel_checkpoint(path):
         ckpt = resolve_checkpoint(path)
@@ -69,9 +52,6 @@ def load_policy(spec: str, device: torch.device | str = "cpu"):
         if folder is None:
             raise ConfigError(f"rl.policy: {path} has no tokenizer/ folder saved with it")
         return load_model(ckpt, str(device)).train(), Tokenizer.load(str(folder))
-    from keel.model.hf import _locate, load_hf
-    from keel.model.registry import build_model
-
     model_cfg, state_dict, hf_tokenizer = load_hf(spec)
     if hf_tokenizer is None:
         raise ConfigError(f"rl.policy: {spec} has no tokenizer files")
@@ -79,7 +59,7 @@ def load_policy(spec: str, device: torch.device | str = "cpu"):
     model.to_empty(device=device)
     model.init_buffers()
     model.load_state_dict(state_dict, strict=True)
-    folder, gguf = _locate(spec)
+    folder, gguf = locate(spec)
     if gguf:  # the tokenizer lives inside the .gguf file
         return model.train(), Tokenizer(hf_tokenizer, Path(gguf).stem, folder)
     return model.train(), Tokenizer.load(str(folder))

@@ -11,7 +11,7 @@ gradient norm makes ZeRO skip the update, which keel's train.nonfinite policy th
 Checkpoints keep keel's layout and atomic protocol (step_N/ with trainer.json marked
 `"engine": "deepspeed"`, rng/, config.yaml, COMPLETE; written as .tmp_step_N, then renamed) with
 DeepSpeed's files in step_N/deepspeed/. keel.load / `keel export hf` consolidate them with
-DeepSpeed's zero_to_fp32; keel/train/deepspeed_checkpoint.py reshards between ZeRO layouts and
+DeepSpeed's zero_to_fp32; keel/checkpoint/deepspeed.py reshards between ZeRO layouts and
 to or from keel's torch engine, weights and AdamW state.
 """
 from __future__ import annotations
@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from keel.checkpoint.dcp import load_model_weights
+from keel.checkpoint.deepspeed import DS_TAG, _quiet, import_deepspeed
+from keel.checkpoint.files import COMPLETE, barrier, fsync_dir, rank, resolve_checkpoint, rng_state
 from keel.config import deep_merge
 from keel.errors import ConfigError
 from keel.model.registry import build_model
 from keel.train import faults, parallel
-from keel.train.checkpoint import COMPLETE, _barrier, _fsync_dir, _rank, load_model_weights, resolve_checkpoint, rng_state
-from keel.train.deepspeed_checkpoint import DS_TAG, _quiet, import_deepspeed
 from keel.train.trainer import Trainer
 
 
@@ -95,7 +96,7 @@ class DeepSpeedTrainer(Trainer):
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO partitions them)
         model = build_model(cfg.model, "meta")
         model.to_empty(device=self.dist.device)
-        if cfg.model.init_from:
+        if getattr(cfg.model, "init_from", None):
             model.init_buffers()
             load_model_weights(resolve_checkpoint(cfg.model.init_from), model)
         else:
@@ -124,13 +125,11 @@ class DeepSpeedTrainer(Trainer):
         engine = self.engine
         engine.train()
         micro_batches = [self._to_device(mb) for mb in self.data.next_step()]
-        local = torch.tensor([sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
-                              sum(int(mb["input_ids"].sum()) for mb in micro_batches)], dtype=torch.int64)
-        global_tokens, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
+        global_tokens, fingerprint = self.global_counts(micro_batches)
         scale = self.dp_size / max(global_tokens, 1)  # DeepSpeed averages over dp ranks; undo that
         loss_sum = torch.zeros((), device=self.dist.device)
         for mb in micro_batches:
-            loss = engine(mb["input_ids"], labels=mb["labels"], positions=mb["positions"], doc_ids=mb["doc_ids"])
+            loss = self.task.loss_sum(engine, mb)
             loss = faults.inject_nan(loss, self.step + 1)
             engine.backward(loss * scale, scale_wrt_gas=False)
             engine.step()  # an update only at the last micro-batch (the accumulation boundary)
@@ -148,20 +147,20 @@ class DeepSpeedTrainer(Trainer):
                 "data_fingerprint": fingerprint, "finite": finite}
 
     def save(self) -> Path:
-        """keel's atomic protocol around engine.save_checkpoint (see keel/train/checkpoint.py)."""
+        """keel's atomic protocol around engine.save_checkpoint (see keel/checkpoint/dcp.py)."""
         root, step = self.ckpt.root, self.step
         final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
-        if _rank() == 0:
+        if rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
-        _barrier()
+        barrier()
         with _quiet():
             self.engine.save_checkpoint(str(tmp), tag=DS_TAG)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
-        _barrier()
-        if _rank() == 0:
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank()}.pt")
+        barrier()
+        if rank() == 0:
             state = {"step": step, "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(),
                      "world_size": self.dist.world_size, "dp_size": self.dp_size, "engine": "deepspeed",
                      "zero_stage": self.engine.zero_optimization_stage(), "bf16": self.engine.bfloat16_enabled(),
@@ -169,11 +168,11 @@ class DeepSpeedTrainer(Trainer):
             (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
             (tmp / "config.yaml").write_text((self.run_dir / "config.yaml").read_text())
             (tmp / COMPLETE).write_text(f"step {step}\n")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            _fsync_dir(root)
+            fsync_dir(root)
             self.ckpt._prune()
-        _barrier()
+        barrier()
         return final

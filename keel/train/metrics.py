@@ -6,6 +6,7 @@ tokens/s counts every rank's tokens; MFU divides achieved FLOP/s by the device's
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -50,12 +51,14 @@ class ProgressLine:
         self.every = max(1, total_steps // 20)
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta: float | None = None) -> None:
+        """`eta`: the caller's estimate of the seconds left (training, evals and checkpoints to come);
+        default: the average wall time per step so far times the steps left."""
         if not self.enabled:
             return
         done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - step)
+        if eta is None:
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {format_duration(eta)}")
         if self.tty:
@@ -94,7 +97,6 @@ class MetricsLogger:
 
     @staticmethod
     def _init_wandb(run_dir: Path, cfg):
-        import os
         import wandb
 
         id_file = run_dir / "wandb_id.txt"

@@ -27,6 +27,8 @@ from typing import Iterable
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from keel.train.param_groups import no_decay_ids
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _HIDDEN = re.compile(r"(^|\.)layers\.\d+\.")
 
@@ -67,8 +69,6 @@ def muon_param_groups(model: torch.nn.Module, cfg) -> list[dict]:
 
     The AdamW groups come first, so group 0's lr (the one the trainer logs) is still optim.lr.
     """
-    from keel.train.optim import no_decay_ids
-
     exempt = no_decay_ids(model)
     muon, decay, no_decay = [], [], []
     for name, param in model.named_parameters():

@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from keel.config import OptimConfig
+from keel.train.config import OptimConfig
+from keel.train.muon import Muon, muon_param_groups
+from keel.train.param_groups import param_groups
 
 
 def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
@@ -26,34 +29,9 @@ def lr_multiplier(step: int, total: int, cfg: OptimConfig) -> float:
     return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
-def no_decay_ids(model: torch.nn.Module) -> set[int]:
-    """ids of the parameters weight decay leaves alone: norms, biases (1-D) and every embedding
-    table (the vocabulary's, KSA's summary table)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return tables | {id(p) for p in model.parameters() if p.ndim < 2}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases and embedding tables.
-
-    The same groups whatever the parallel layout (every pipeline stage has both kinds), so
-    optimizer and scheduler state resume in any other layout. A group with nothing to train (all
-    adapters are matrices under LoRA) is left out: torch's flattened optimizer state cannot
-    reload an empty group.
-    """
-    exempt = no_decay_ids(model)
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if id(param) in exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 def mixes_dtensors(model: torch.nn.Module) -> bool:
     """True under TP without FSDP: sharded DTensor weights beside plain replicated ones, a mix
     that foreach kernels refuse."""
-    from torch.distributed.tensor import DTensor
 
     kinds = {isinstance(p, DTensor) for p in model.parameters()}
     return len(kinds) > 1
@@ -65,8 +43,6 @@ def _adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def _muon(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    from keel.train.muon import Muon, muon_param_groups
-
     return Muon(muon_param_groups(model, cfg))
 
 
@@ -92,7 +68,6 @@ def clip_grad_norm(parameters, max_norm: float, sum_group=None, skip: frozenset 
     parameters: `sum_group` adds their squares up, and `skip` names (by id) parameters another
     rank already counts (a tied embedding's second copy), which are clipped but not counted.
     """
-    from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]
@@ -119,3 +94,13 @@ def clip_grad_norm(parameters, max_norm: float, sum_group=None, skip: frozenset 
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.device))
     return total
+
+
+def adapter_optimizer(model: torch.nn.Module, optim_cfg: OptimConfig, total_steps: int):
+    """(optimizer, LR scheduler) over the trainable parameters alone (LoRA adapters), as
+    build_optimizer builds them. Adapters are all matrices, so the no-decay group is empty and
+    left out: DCP's flattened optimizer state cannot restore an empty parameter group."""
+    optimizer, _ = build_optimizer(model, optim_cfg, total_steps)
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, optim_cfg))
+    return optimizer, scheduler

@@ -8,12 +8,27 @@ follows the model family's TensorParallelPlan. Model files never import any of t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch.distributed._composable.replicate import replicate
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from keel.config import ParallelConfig
 from keel.errors import ConfigError
+from keel.train.config import ParallelConfig
+from keel.train.context_parallel import apply_context_parallel
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -82,10 +97,6 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
     them alike), so tied embeddings and the chunked loss need nothing special. Under SP the first
     block's input is split along the sequence and the last block's output gathered again.
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                                   PrepareModuleOutput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
 
     stream = Shard(1) if sequence_parallel else Replicate()
     blocks = list(model.layers.values())
@@ -121,14 +132,11 @@ def _has_submodule(module: torch.nn.Module, name: str) -> bool:
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     """full: recompute each block in the backward. selective: keep the outputs of matmuls and
     attention (the expensive ops) and recompute the cheap elementwise ones."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     if mode == "none":
         return
     context_fn = None
     if mode == "selective":
-        from functools import partial
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
         keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -159,7 +167,6 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], tp_plan, cfg.sequence_parallel)
     if dims.cp > 1:
-        from keel.train.context_parallel import apply_context_parallel
         apply_context_parallel(model, mesh["cp"], model.config.attention)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
@@ -176,7 +183,6 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
     if mesh is None:
         return model
     if uses_fsdp(dims):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # cp ranks hold different tokens of the same sequences: their gradients are summed and
         # their weights sharded together with dp_shard (TorchTitan's dp_shard_cp).
@@ -190,7 +196,6 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
             fully_shard(block, mesh=dp_mesh, mp_policy=mp)
         fully_shard(model, mesh=dp_mesh, mp_policy=mp)
     elif dims.dp_replicate > 1:
-        from torch.distributed._composable.replicate import replicate
 
         replicate(model, device_mesh=mesh["dp_replicate"])
     return model

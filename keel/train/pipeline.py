@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.pipelining import PipelineStage, schedules
 
 from keel.errors import ConfigError
 
@@ -32,7 +33,6 @@ MULTI_STAGE_SCHEDULES = ("interleaved_1f1b",)
 
 
 def _schedule_classes() -> dict:
-    from torch.distributed.pipelining import schedules
 
     return {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
             "interleaved_1f1b": schedules.ScheduleInterleaved1F1B}
@@ -126,7 +126,6 @@ def _first_last_group(mesh, pp: int):
 class Pipeline:
     def __init__(self, model: nn.Module, mesh, dims, cfg, n_microbatches: int,
                  parallelize_part: Callable[[nn.Module], nn.Module], device: torch.device):
-        from torch.distributed.pipelining import PipelineStage
 
         pcfg = cfg.parallel
         pp_mesh = mesh["pp"]

@@ -11,6 +11,7 @@ falls back to bf16 silently.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import torch
@@ -35,9 +36,24 @@ def _fp8_linear_filter(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence third-party loggers during an import: torchao warns for every CUDA-only .so it cannot
+    load on this machine, and torch's pytree for an enum torchao registers; neither is the user's."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def convert_torchao(model: torch.nn.Module, cfg, fsdp: bool) -> None:
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        with _quiet_loggers("torchao", "torch.utils._pytree"):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional extra
     except ImportError:
         raise MissingExtraError("precision.fp8: torchao is not installed; pip install 'keel[gpu]' "
                                 "(or torchao)") from None

@@ -1,10 +1,13 @@
-"""The training loop for pretraining and SFT, on one process or under torchrun (DDP / FSDP2).
+"""The training loop of every family, on one process or under torchrun (DDP / FSDP2 / TP / PP / CP).
 
-Setup order: ranks -> mesh -> model on meta -> weights (init or init_from) -> data parallelism ->
-optimizer -> data -> resume -> loop. Every step: micro-batches -> forward (summed token loss) ->
-backward scaled by the GLOBAL token count -> clip -> step -> metrics -> checkpoint. Normalising by
-the global token count makes the update identical however the batch is split over ranks and
-micro-batches, which is what lets a checkpoint resume on another world size with the same result.
+The loop knows no family: it looks the family's spec up by `model.name` and drives its training task
+(keel/model/task.py) — batches, summed loss, loss units, eval metrics.
+
+Setup order: ranks -> mesh -> task (tokenizer, ...) -> model on meta -> weights (init or init_from) ->
+parallelism -> optimizer -> data -> resume -> loop. Every step: micro-batches -> forward (summed
+loss) -> backward scaled by the GLOBAL count of loss units -> clip -> step -> metrics -> checkpoint.
+Normalising by the global count makes the update identical however the batch is split over ranks
+and micro-batches, which is what lets a checkpoint resume on another world size with the same result.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from keel.checkpoint.dcp import Checkpointer, load_model_weights
+from keel.checkpoint.files import resolve_checkpoint
 from keel.config import Config, save_resolved
 from keel.errors import ConfigError
 from keel.model.registry import build_model, get_model_spec
 from keel.train import faults, parallel, precision
-from keel.train.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
+from keel.train.context_parallel import shard_batch
 from keel.train.launch import DistInfo, init_distributed
 from keel.train.metrics import MetricsLogger, ProgressLine, device_peak_flops, peak_memory_gib
 from keel.train.optim import build_optimizer, clip_grad_norm
@@ -40,29 +45,30 @@ class Trainer:
         if cfg.train.global_batch % micro_total:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
                               f"train.micro_batch x data-parallel ranks = {micro_total}")
+        self.spec = get_model_spec(cfg.model.name)
+        self.task = self.spec.task(cfg)
         self.run_dir = Path(cfg.run.out_dir)
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
-        self._setup_run_dir()
+        self.task.prepare()  # e.g. the tokenizer, checked against the model's vocabulary
+        self.resume_from = self._resume_path()  # a bad checkpoint.resume fails here, before any work
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
         self.data = self._build_data()
         self.step = self._resume()
+        # Only now, with everything checked and loaded, is the run directory written: a start that
+        # fails leaves an existing run's config.yaml and tokenizer untouched, and makes no folder.
+        self._setup_run_dir()
         self.metrics = MetricsLogger(self.run_dir, cfg, self.dist.is_main, self.step)
         self.peak_flops = device_peak_flops(self.dist.device)
-        self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+        flops = getattr(cfg.model, "flops_per_token", None)  # a family without it gets no MFU
+        self.flops_per_token = flops(cfg.data.seq_len) if flops else 0
 
     # ------------------------------------------------------------ setup
     def _setup_run_dir(self) -> None:
-        from keel.data.tokenizer import Tokenizer
-
-        self.tokenizer = Tokenizer.load(self.cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {self.cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's vocabulary ({self.tokenizer.vocab_size}, data.tokenizer)")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(self.cfg, self.run_dir / "config.yaml")
-            self.tokenizer.save(self.run_dir / "tokenizer")
+            self.task.save_assets(self.run_dir)
         if dist.is_initialized():
             dist.barrier()
 
@@ -74,9 +80,10 @@ class Trainer:
         # FSDP shards weights that already exist: materialise on CPU, init, then shard. Every rank
         # thus starts from exactly the single-process initialisation.
         model.to_empty(device="cpu" if fsdp else self.dist.device)
-        if cfg.model.init_from:
+        if getattr(cfg.model, "init_from", None):
             model.init_buffers()
-            load_model_weights(resolve_checkpoint(cfg.model.init_from), model)
+            load_model_weights(resolve_checkpoint(cfg.model.init_from, "model.init_from"), model,
+                               "model.init_from")
         else:
             model.init_weights()
         self.autocast = cfg.precision.dtype == "bf16" and not fsdp  # FSDP casts through its mixed-precision policy
@@ -89,32 +96,38 @@ class Trainer:
         cfg, fsdp = self.cfg, parallel.uses_fsdp(self.dims)
         precision.apply_fp8(model, cfg.precision, fsdp)
         param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
-        model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, get_model_spec(cfg.model.name).tp_plan,
-                                     param_dtype)
+        model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, self.spec.tp_plan, param_dtype)
         if fsdp and self.dist.device.type != "cpu":
             model.to(self.dist.device)
         return model
 
     def _build_data(self):
-        from keel.data.assets import keel_home
-        from keel.data.loader import build_train_data
+        return self.task.build_data(dp_rank=self.dp_rank, dp_size=self.dp_size)
 
-        cache = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else keel_home() / "data"
-        return build_train_data(self.cfg.data, self.tokenizer, global_batch=self.cfg.train.global_batch,
-                                micro_batch=self.cfg.train.micro_batch, dp_rank=self.dp_rank,
-                                dp_size=self.dp_size, seed=self.cfg.train.seed, cache_dir=cache)
-
-    def _resume(self) -> int:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint `checkpoint.resume` names: auto (newest complete in the run directory),
+        never, a step number of this run, or a checkpoint / run directory path."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
+            return None
+        if mode == "auto":
+            return self.ckpt.latest()
+        if isinstance(mode, int) or str(mode).isdigit():
+            step_dir = self.ckpt.root / f"step_{int(mode)}"
+            if not step_dir.is_dir():
+                steps = [p.name.removeprefix("step_") for p in sorted(self.ckpt.root.glob("step_*"))]
+                raise ConfigError(f"checkpoint.resume: {self.run_dir.absolute()} has no checkpoint at step {mode} "
+                                  f"(committed: {', '.join(steps) or 'none'})")
+            return resolve_checkpoint(step_dir, "checkpoint.resume")
+        return resolve_checkpoint(mode, "checkpoint.resume")
+
+    def _resume(self) -> int:
+        if self.resume_from is None:
             return 0
-        path = self.ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
-        if path is None:
-            return 0
-        state = self.restore(path)
+        state = self.restore(self.resume_from)
         if self.dist.is_main:
-            print(f"keel: resumed from {path} (step {state['step']}, saved on {state['world_size']} ranks)",
-                  flush=True)
+            print(f"keel: resumed from {self.resume_from.absolute()} (step {state['step']}, saved on "
+                  f"{state['world_size']} ranks)", flush=True)
         return state["step"]
 
     def restore(self, path: Path) -> dict:
@@ -136,20 +149,23 @@ class Trainer:
     def _cp_shard(self, batch: dict) -> dict:
         if self.dims.cp == 1:
             return batch
-        from keel.train.context_parallel import shard_batch
         return shard_batch(batch, self.cp_rank, self.dims.cp)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
+    def global_counts(self, micro_batches: list[dict]) -> tuple[int, int]:
+        """Loss units (tokens that carry a label, for an LM) and a fingerprint of the step's content,
+        both summed over every rank: the fingerprint shows at a glance that a resumed run saw the same data."""
+        local = torch.stack([sum(self.task.units(mb).to(torch.int64) for mb in micro_batches),
+                             sum(self.task.fingerprint(mb).to(torch.int64) for mb in micro_batches)])
+        units, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
+        return units, fingerprint
+
     def train_step(self) -> dict:
         self.model.train()
         micro_batches = [self._to_device(self._cp_shard(mb)) for mb in self.data.next_step()]
-        # Tokens that carry loss, and a fingerprint of the batch's content (sum of its token ids),
-        # both over every rank: the fingerprint shows at a glance that a resumed run saw the same data.
-        local = torch.tensor([sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
-                              sum(int(mb["input_ids"].sum()) for mb in micro_batches)], dtype=torch.int64)
-        global_tokens, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
+        global_tokens, fingerprint = self.global_counts(micro_batches)
         # DDP/FSDP average gradients over the ranks holding different tokens; undo that.
         scale = self.dp_size * self.dims.cp / max(global_tokens, 1)
         # Under pp the schedule runs every micro-batch through the stages; else one after another.
@@ -175,20 +191,23 @@ class Trainer:
             if parallel.uses_fsdp(self.dims):
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self._autocast():
-                loss = self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
-                                  doc_ids=mb["doc_ids"])
+                loss = self.task.loss_sum(self.model, mb)
             loss = faults.inject_nan(loss, self.step + 1)  # fault injection (tests): KEEL_FAULT_NAN_AT_STEP
             (loss * scale).backward()
             loss_sum += loss.detach().float()
             faults.inject_kill(self.step + 1, self.dist.rank)  # fault injection (tests): KEEL_FAULT_KILL_*
         return loss_sum
 
-    def _loss_sum(self, batches: list[dict]) -> torch.Tensor:
-        """Summed token loss over `batches`, forward only."""
+    def _eval_sums(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """The task's eval sums over `batches`, forward only (under pp: the pipeline's loss sum)."""
         if self.pipeline is not None:
-            return self.pipeline.evaluate(batches)
-        return sum(self.model(mb["input_ids"], labels=mb["labels"], positions=mb["positions"],
-                              doc_ids=mb["doc_ids"]).float() for mb in batches)
+            return {"loss": self.pipeline.evaluate(batches),
+                    "units": sum(self.task.units(mb).float() for mb in batches)}
+        sums: dict[str, torch.Tensor] = {}
+        for mb in batches:
+            for name, value in self.task.eval_sums(self.model, mb).items():
+                sums[name] = sums.get(name, 0) + value.float()
+        return sums
 
     def _pipeline_norm_args(self) -> dict:
         if self.pipeline is None:
@@ -200,13 +219,13 @@ class Trainer:
         self.model.eval()
         batches = [self._to_device(self._cp_shard(b)) for b in self.data.eval_batches(
             self.cfg.train.eval_batches, self.cfg.train.micro_batch, self.dp_rank, self.dp_size)]
-        totals = torch.zeros(2, device=self.dist.device)
+        if not batches:  # no held-out data (data.eval_fraction 0): the same on every rank
+            return {}
         with self._autocast():
-            totals[0] += self._loss_sum(batches)
-        totals[1] += sum(int((mb["labels"] != -100).sum()) for mb in batches)
-        loss_sum, tokens = self._dp_sum(totals).tolist()
-        loss = loss_sum / max(tokens, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+            sums = self._eval_sums(batches)
+        names = sorted(sums)
+        totals = self._dp_sum(torch.stack([sums[n].reshape(()) for n in names]).to(self.dist.device)).tolist()
+        return self.task.eval_metrics(dict(zip(names, totals)))
 
     def save(self) -> Path:
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(),
@@ -214,16 +233,51 @@ class Trainer:
         return self.ckpt.save(self.step, self.model, self.optimizer, state,
                               (self.run_dir / "config.yaml").read_text() if self.dist.is_main else "")
 
+    def _say(self, text: str, progress: ProgressLine) -> None:
+        """A line per phase (eval, saved, ...) on rank 0, clear of the live progress line."""
+        if self.dist.is_main:
+            if progress.enabled:
+                progress.message(f"keel: {text}")
+            else:
+                print(f"keel: {text}", flush=True)
+
+    def _banner(self) -> str:
+        cfg, dims = self.cfg, self.dims
+        count = getattr(cfg.model, "num_params", None)
+        params = count() if count else sum(p.numel() for p in self.model.parameters())
+        layout = " x ".join(f"{name} {getattr(dims, name)}" for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+                            if getattr(dims, name) > 1) or "one process"
+        tokens = cfg.train.global_batch * cfg.data.seq_len
+        return (f"{cfg.model.name}, {params / 1e6:.1f}M parameters | {self.dist.world_size} rank(s): {layout} | "
+                f"{cfg.train.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens/step | steps {self.step} -> "
+                f"{cfg.train.steps} | run {self.run_dir.absolute()}")
+
+    def _eta(self, step_seconds: list[float], phase_seconds: dict) -> float:
+        """Seconds left: training steps at their recent pace, plus the evaluations and checkpoints
+        still to come at their measured cost (the final ones included)."""
+        cfg, left = self.cfg, range(self.step + 1, self.cfg.train.steps + 1)
+        recent = step_seconds[-20:]
+        evals = sum(1 for s in left if s == cfg.train.steps or (cfg.train.eval_every and s % cfg.train.eval_every == 0))
+        saves = sum(1 for s in left if cfg.checkpoint.every and s % cfg.checkpoint.every == 0)
+        saves += 0 if cfg.checkpoint.every and cfg.train.steps % cfg.checkpoint.every == 0 else 1  # the final one
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return (mean(recent) * len(left) + evals * mean(phase_seconds["eval"])
+                + saves * mean(phase_seconds["save"] or phase_seconds["eval"][:0]))
+
     def train(self) -> dict:
         cfg = self.cfg
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and self.dist.is_main)
+        self._say(self._banner(), progress)
         summary = {}
+        step_seconds: list[float] = []
+        phase_seconds: dict = {"eval": [], "save": []}
         guard = faults.StepGuard(self)  # preemption signals and the non-finite policy
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             out = self.train_step()
             self.step += 1
             dt = time.perf_counter() - t0
+            step_seconds.append(dt)
             tps = out["tokens"] / dt
             row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens_per_s": tps,
                    "step_time_s": dt, "peak_mem_gib": peak_memory_gib(self.dist.device),
@@ -234,19 +288,30 @@ class Trainer:
                 continue
             last = self.step == cfg.train.steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
-                row.update(self.evaluate())
+                t_eval = time.perf_counter()
+                metrics = self.evaluate()
+                phase_seconds["eval"].append(time.perf_counter() - t_eval)
+                row.update(metrics)
+                if metrics and not last:
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    self._say(f"eval at step {self.step}: {shown}", progress)
             if self.step % cfg.train.log_every == 0 or last:
                 self.metrics.log(self.step, row)
-            progress.update(self.step, out["loss"], out["lr"], tps)
+            progress.update(self.step, out["loss"], out["lr"], tps, self._eta(step_seconds, phase_seconds))
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save()
+                t_save = time.perf_counter()
+                path = self.save()
+                phase_seconds["save"].append(time.perf_counter() - t_save)
+                if not last:
+                    self._say(f"saved {path.absolute()} ({phase_seconds['save'][-1]:.1f} s)", progress)
             summary = row
             if guard.preempted():  # SIGUSR1/SIGTERM on any rank: stop here, on a checkpoint
                 break
         progress.close()
         if not summary:  # resumed at the last step: nothing left to train, evaluate what is there
-            summary = {"loss": float("nan"), **self.evaluate()}
+            summary = self.evaluate()
         summary["checkpoint"] = str(self.ckpt.final(self.step, self.save))  # always end on a checkpoint
+        self._say(f"saved {Path(summary['checkpoint']).absolute()} (step {self.step})", progress)
         summary["wandb_dir"] = self.metrics.wandb_dir
         self.metrics.close()
         return guard.finish(summary)  # a preempted run: summary["preempted"], requeue marker

@@ -11,55 +11,17 @@ trainer, so the two can be compared token by token (truncated importance samplin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Callable
 
-import torch
+from keel.config import choose
+from keel.rl.engines.base import Rollout, RolloutEngine, SamplingParams  # noqa: F401  (the public API)
+from keel.rl.engines.native import NativeEngine
+from keel.rl.engines.vllm import VLLMEngine  # imports the vllm package itself only when built
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    stop_ids: tuple = ()  # a sequence ends after emitting any of these (the stop token is kept)
-    n: int = 1  # samples per prompt
-    seed: Optional[int] = None
-
-
-@dataclass
-class Rollout:
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (hit a stop id) | "length" (max_tokens)
-    prompt_index: int = 0  # which prompt of the generate() call this answers
-    meta: dict = field(default_factory=dict)
-
-
-class RolloutEngine(Protocol):
-    version: int
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]: ...
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
-
-
-def _native(model, rl_cfg, **kw):
-    from keel.rl.engines.native import NativeEngine
-    return NativeEngine.from_policy(model, rl_cfg, **kw)
-
-
-def _vllm(model, rl_cfg, **kw):
-    from keel.rl.engines.vllm import VLLMEngine  # imports vllm itself only on use
-    return VLLMEngine.from_policy(model, rl_cfg, **kw)
-
-
-# rl.engine -> (policy model, RLConfig, **kw) -> RolloutEngine. Imported lazily: vllm is an extra.
-ENGINES: dict[str, Callable] = {"native": _native, "vllm": _vllm}
+# rl.engine -> (policy model, RLConfig, **kw) -> RolloutEngine.
+ENGINES: dict[str, Callable] = {"native": NativeEngine.from_policy, "vllm": VLLMEngine.from_policy}
 
 
 def build_engine(name: str, model, rl_cfg, **kw) -> RolloutEngine:
-    from keel.rl.config import _choice
-    _choice("rl.engine", name, ENGINES)
+    choose("rl.engine", name, ENGINES)
     return ENGINES[name](model, rl_cfg, **kw)

@@ -1,6 +1,6 @@
 """Colocated vLLM rollout engine. Every vLLM-version-specific call lives in this file.
 
-The policy is exported once as an HF folder (keel/model/hf.py save_hf) for vLLM to start from;
+The policy is exported once as an HF folder (keel/checkpoint/hf.py save_hf) for vLLM to start from;
 after each optimizer step the trainer pushes its weights with `update_weights`, renamed to HF
 names, through the worker's in-place `reload_weights` (which re-runs vLLM's post-load processing,
 e.g. the CPU backend's weight packing): one call streaming every tensor in-process, buckets of
@@ -21,8 +21,10 @@ from typing import Iterable
 
 import torch
 
+from keel.checkpoint.hf import save_hf
 from keel.errors import MissingExtraError
-from keel.rl.engines import Rollout, SamplingParams
+from keel.model.registry import get_model_spec
+from keel.rl.engines.base import Rollout, SamplingParams
 
 
 def import_vllm():
@@ -51,8 +53,6 @@ class VLLMEngine:
 
     @classmethod
     def from_policy(cls, policy: torch.nn.Module, rl_cfg, tokenizer_dir=None, seed: int = 0):
-        from keel.model.hf import save_hf
-
         import_vllm()  # fail before exporting anything
         out = Path(tempfile.mkdtemp(prefix="keel-vllm-")) / "policy"
         save_hf(policy.config, {k: v.detach().cpu() for k, v in policy.state_dict().items()}, out,
@@ -60,6 +60,7 @@ class VLLMEngine:
         max_len = rl_cfg.vllm.max_model_len or rl_cfg.max_prompt_tokens + rl_cfg.sampling.max_tokens
         engine = cls(str(out), rl_cfg.vllm, max_len, seed)
         engine.model_config = policy.config
+        engine.hf_name = get_model_spec(policy.config.name).hf.tensor_name
         return engine
 
     # ------------------------------------------------------------ sleep / wake (GPU only)
@@ -98,7 +99,7 @@ class VLLMEngine:
     # ------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.wake_up(tags=["weights"])
-        hf_named = _hf_named(named_tensors)
+        hf_named = ((self.hf_name(name), tensor.detach()) for name, tensor in named_tensors)
         if self.cfg.tensor_parallel_size == 1:
             # One reload_weights call over a lazy iterator. Measured on vLLM 0.32 (CPU): several calls
             # (buckets) leave the model wrong — each call is taken as the whole model — while one
@@ -117,17 +118,6 @@ class VLLMEngine:
     def _reload(self, weights_iterator) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights_iterator,
                                                           "is_checkpoint_format": True})
-
-
-def _hf_named(named_tensors):
-    """keel-named tensors as (HF name, tensor), one at a time."""
-    from keel.model.hf import _rename
-
-    for name, tensor in named_tensors:
-        renamed, _, unknown = _rename({name: tensor.detach()}, to_keel=False)
-        if unknown:
-            raise KeyError(f"vllm engine: no HF name for {name}")
-        yield from renamed.items()
 
 
 def _buckets(named, limit_bytes: int):

@@ -1,8 +1,9 @@
 """GoLongRL's long-context metrics, as its verl fork scores LongBench-Pro-style tasks.
 
-Reference: `verl/utils/reward_score/long_bench_pro.py` (PAPERS.md §6.3). The answer area is the text
-after the last `[Answer]` (or `Answer:`) marker; gold answers and predicted lines are lower-cased with
-runs of whitespace collapsed; list-valued predictions are one item per line. Every metric is in [0, 1].
+Reference: `verl/utils/reward_score/long_bench_pro.py` in GoLongRL's verl fork (docs/grpo.md#rewards).
+The answer area is the text after the last `[Answer]` (or `Answer:`) marker; gold answers and predicted
+lines are lower-cased with runs of whitespace collapsed; list-valued predictions are one item per line.
+Every metric is in [0, 1].
 
 Deliberate differences from the reference, each to stop a reward from depending on layout noise:
 empty predicted lines are dropped, a repeated predicted item keeps its first position, and EM

@@ -10,8 +10,8 @@ import functools
 import json
 
 from keel.errors import MissingExtraError
-from keel.rl.rewards import register_reward
 from keel.rl.rewards.math import extract_final_answer
+from keel.rl.rewards.registry import register_reward
 
 
 def import_reasoning_gym():

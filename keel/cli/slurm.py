@@ -1,5 +1,5 @@
 """`keel slurm submit RECIPE --nodes N --gpus-per-node G ...`: render an sbatch script from
-slurm/train.sbatch.j2 (or slurm/rl.sbatch.j2 for a recipe with an `rl:` section) and submit it.
+keel/cli/templates/train.sbatch.j2 (or rl.sbatch.j2 for a recipe with an `rl:` section) and submit it.
 
 Everything that can be checked before the job waits in a queue is checked here: the flags, the
 recipe (validated, then embedded resolved in the script), the world size against the recipe's
@@ -26,7 +26,8 @@ import yaml
 
 from keel.errors import KeelError
 
-TEMPLATE_DIR = Path(os.environ.get("KEEL_SLURM_TEMPLATES", Path(__file__).resolve().parent.parent / "slurm"))
+# Package data (setup.py package_data), so a non-editable install can submit jobs too.
+TEMPLATE_DIR = Path(os.environ.get("KEEL_SLURM_TEMPLATES", Path(__file__).resolve().parent / "templates"))
 SIGNAL_SECONDS = 120  # SIGUSR1 this long before the time limit: time to finish a step and checkpoint
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _HEREDOC_END = "KEEL_CONFIG_EOF"
@@ -77,11 +78,12 @@ def _check_flags(req: JobRequest) -> None:
 
 def _load_config(req: JobRequest, world_size: int):
     """The validated Config, its kind (train | rl), checked against the job's world size."""
-    from keel.config import load_raw, load_recipe
+    import keel
+    from keel.config import load_raw
     from keel.train.parallel import resolve_parallel_dims
 
     kind = "rl" if "rl" in load_raw(Path(req.recipe)) else "train"
-    cfg = load_recipe(req.recipe, req.overrides)
+    cfg = keel.load_recipe(req.recipe, req.overrides)
     dims = resolve_parallel_dims(cfg.parallel, world_size)  # ConfigError naming the layout if it cannot fit
     micro_total = cfg.train.micro_batch * dims.dp
     if cfg.train.global_batch % micro_total:
@@ -216,15 +218,19 @@ def add_parser(sub, parser_class) -> None:
 
     slurm = sub.add_parser("slurm", help="run on a SLURM cluster").add_subparsers(
         dest="slurm_command", required=True, parser_class=SubmitParser)
-    s = slurm.add_parser("submit", help="render an sbatch script for a recipe and submit it")
-    s.add_argument("recipe")
+    s = slurm.add_parser("submit", help="render an sbatch script for a recipe and submit it",
+                         epilog="examples:\n  keel slurm submit recipes/lm/llama-1b-h100.yaml --nodes 4 --gpus-per-node 8 "
+                                "--partition gpu --time 24:00:00\n  keel slurm submit recipes/lm/tiny.yaml --nodes 2 "
+                                "--dry-run   # print the script only", formatter_class=parser_class.formatter)
+    s.add_argument("recipe", help="a YAML recipe (an rl: section submits `keel rl`)")
     s.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     s.add_argument("--nodes", type=int, required=True, help="nodes; one torchrun per node")
-    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (= trainer processes) per node; 0: one CPU process (gloo)")
-    s.add_argument("--partition")
+    s.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs (= trainer processes) per node; 0: one CPU process (gloo) (default: 0)")
+    s.add_argument("--partition", help="SLURM partition(s), checked against sinfo (default: the cluster's)")
     s.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00")
-    s.add_argument("--account")
-    s.add_argument("--qos")
+    s.add_argument("--account", help="SLURM account to charge (default: yours)")
+    s.add_argument("--qos", help="SLURM quality of service (default: the account's)")
     s.add_argument("--cpus-per-task", type=int, help="CPUs for each node's task (all its processes)")
     s.add_argument("--job-name", help="default: run.name")
     s.add_argument("--max-restarts", type=int, default=3,

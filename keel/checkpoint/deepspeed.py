@@ -1,6 +1,6 @@
 """Reading DeepSpeed checkpoints and resharding between ZeRO layouts and keel's torch engine.
 
-Imported lazily by keel/train/checkpoint.py (Checkpointer.load, load_model_weights) whenever a
+Used by keel/checkpoint/dcp.py (Checkpointer.load, load_model_weights) whenever a
 checkpoint was written by `parallel.engine: deepspeed` (trainer.json: `"engine": "deepspeed"`) or
 the model is a DeepSpeed engine. Weights are consolidated by DeepSpeed's own zero_to_fp32 and
 ds_to_universal, and written into a ZeRO engine by deepspeed.utils.safe_set_full_*.
@@ -16,9 +16,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from keel.checkpoint.files import barrier, rank, resolve_checkpoint, set_rng_state, uses_deepspeed
 from keel.errors import CheckpointError, MissingExtraError
-from keel.train.checkpoint import _barrier, _rank, resolve_checkpoint, set_rng_state, uses_deepspeed
 
 DS_TAG = "deepspeed"  # engine.save_checkpoint's tag: DeepSpeed's files live in step_N/deepspeed/
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -46,7 +53,7 @@ def _fqn(name: str) -> str:
 
 
 def _say(text: str) -> None:
-    if _rank() == 0:
+    if rank() == 0:
         print(f"keel: {text}", flush=True)
 
 
@@ -62,7 +69,6 @@ def consolidated_state_dict(path: Path) -> dict:
 
 def load_consolidated_weights(path: Path, model) -> None:
     """load_model_weights for a DeepSpeed checkpoint (keel.load, `keel export hf`, model.init_from)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     try:
         set_model_state_dict(model, consolidated_state_dict(path),
@@ -108,7 +114,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     opt = model.optimizer.optimizer if to_ds else optimizer  # the lr the schedule had reached
     for group, lr in zip(opt.param_groups if opt is not None else [], state["scheduler"]["_last_lr"]):
         group["lr"] = lr
-    rng_file = path / "rng" / f"rank_{_rank()}.pt"
+    rng_file = path / "rng" / f"rank_{rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
@@ -121,14 +127,14 @@ def _universal_states(path: Path, state: dict):
     from deepspeed.checkpoint import ds_to_universal
 
     scratch = path.parent / f".universal_{path.name}"
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)
         with _quiet():
             ds_to_universal.main(Namespace(
                 input_folder=str(path / state.get("deepspeed_tag", DS_TAG)), output_folder=str(scratch),
                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                 inject_missing_state=True))
-    _barrier()
+    barrier()
     weights, adam = {}, {}
     for folder in sorted(f for f in (scratch / "zero").iterdir() if f.is_dir()):
         files = {k: torch.load(folder / f"{k}.pt", weights_only=False) for k in ("fp32", *ADAM_STATES)
@@ -137,15 +143,14 @@ def _universal_states(path: Path, state: dict):
         weights[_fqn(folder.name)] = files.pop("fp32")
         if len(files) == len(ADAM_STATES):
             adam[_fqn(folder.name)] = files
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         shutil.rmtree(scratch, ignore_errors=True)
     return weights, adam
 
 
 def _dcp_states(path: Path, names: list[str]):
     """Full weights and AdamW moments of a keel (DCP) checkpoint, read whole on every rank."""
-    import torch.distributed.checkpoint as dcp
 
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     keys = {(n, "param"): f"model.{n}" for n in names}
@@ -160,8 +165,6 @@ def _dcp_states(path: Path, names: list[str]):
 
 
 def _set_torch_states(model, optimizer, weights: dict, adam, step: int) -> None:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
 
     full = StateDictOptions(full_state_dict=True)
     shapes = {_fqn(n): p.shape for n, p in model.named_parameters()}

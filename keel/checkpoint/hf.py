@@ -1,0 +1,162 @@
+"""Hugging Face folders in and out: the file side of every family's HF adapter.
+
+Loading goes through transformers itself (safetensors, .bin or GGUF, de-quantised to fp32), then the
+family whose adapter imports the architecture maps config and tensors to keel's. Saving writes what
+`AutoModelForCausalLM.from_pretrained` and vLLM read — model.safetensors, config.json,
+generation_config.json, the tokenizer files and the family's extra files (remote code) — into a
+temporary folder beside the target, renamed into place once whole.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from keel.checkpoint.files import new_folder, refuse_non_empty
+from keel.checkpoint.model_io import load_model_checkpoint, write_model_checkpoint
+from keel.data.assets import asset_path
+from keel.errors import CheckpointError
+from keel.model.registry import family_for_architecture, get_model_spec, hf_architecture, importable_architectures
+
+_WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Files of an HF model folder that are not the tokenizer's.
+_NOT_TOKENIZER = re.compile(r"(config\.json|generation_config\.json|.*\.(safetensors|bin|gguf|pt|pth|index\.json))$")
+
+
+# ------------------------------------------------------------------ load
+def locate(src: Union[str, Path]) -> tuple[Path, Optional[str]]:
+    """(folder, gguf file name or None) for an import source."""
+    if str(src) == "smollm2":
+        return asset_path("smollm2"), None
+    path = Path(src).expanduser()
+    expected = "an HF model folder (config.json + model*.safetensors or pytorch_model*.bin), a .gguf file or `smollm2`"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected {expected}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, path.name
+        raise CheckpointError(f"{path}: is a file but not a .gguf; expected {expected}")
+    has_weights = any(f for pattern in _WEIGHT_FILES for f in path.glob(pattern))
+    if (path / "config.json").is_file() and has_weights:
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if ggufs:
+        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to import")
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: has config.json but no weights; expected model*.safetensors or pytorch_model*.bin")
+    raise CheckpointError(f"{path}: no config.json with weights and no .gguf file; expected {expected}")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_hf(src: Union[str, Path]):
+    """(keel config, keel-named fp32 state dict, transformers tokenizer or None) of an HF model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: only when importing
+    folder, gguf = locate(src)
+    where = str(folder / gguf) if gguf else str(folder)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: cannot read its config: {_first_line(e)}") from None
+    arch = hf_architecture(hf_config)
+    spec = family_for_architecture(arch)
+    if spec is None:
+        raise CheckpointError(f"{where}: architecture {arch} is not supported; keel imports "
+                              f"{', '.join(importable_architectures())}")
+    cfg = spec.hf.from_config(hf_config, where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=torch.float32, **extra)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot load its weights: {_first_line(e)}") from None
+    hf_sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    del model
+    sd = spec.hf.from_state_dict(hf_sd, cfg, where)
+    tokenizer = None
+    if gguf or any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    return cfg, sd, tokenizer
+
+
+# ------------------------------------------------------------------ save
+def tensors_for_file(hf_sd: dict) -> tuple[dict, torch.dtype]:
+    """CPU, contiguous, one dtype (the weights' own, fp32 when mixed), no two sharing storage."""
+    dtypes = {t.dtype for t in hf_sd.values() if t.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    out, seen = {}, set()
+    for name, t in hf_sd.items():
+        t = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out, dtype
+
+
+def write_hf_folder(out: Union[str, Path], tensors: dict, config_json: dict, tokenizer_dir: Optional[Path],
+                    bos_id: Optional[int], eos_id: Optional[int], extra_files: tuple = ()) -> Path:
+    """An HF model folder at `out`: safetensors, config.json, generation_config.json, the tokenizer
+    files and `extra_files` (e.g. remote code), built beside `out` and renamed into place."""
+    from safetensors.torch import save_file  # heavy: only when exporting
+    from transformers import GenerationConfig
+    out = Path(out).absolute()
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer folder does not exist")
+    with new_folder(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id).save_pretrained(tmp)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if tokenizer_dir is not None:
+            for f in sorted(Path(tokenizer_dir).iterdir()):
+                if f.is_file() and not f.name.startswith(".") and not _NOT_TOKENIZER.fullmatch(f.name):
+                    shutil.copy2(f, tmp / f.name)
+    return out
+
+
+def save_hf(model_cfg, state_dict: dict, out: Union[str, Path], tokenizer_dir: Optional[Path] = None,
+            bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
+    """Write the HF model folder of any family with an HF adapter at `out` (atomically)."""
+    spec = get_model_spec(model_cfg.name)
+    if spec.hf is None:
+        raise CheckpointError(f"model.name: the {spec.name} family has no Hugging Face export")
+    tensors, dtype = tensors_for_file(spec.hf.to_state_dict(state_dict, model_cfg))
+    config_json = spec.hf.to_config(model_cfg, bos_id, eos_id, dtype)
+    return write_hf_folder(out, tensors, config_json, tokenizer_dir, bos_id, eos_id, spec.hf.extra_files)
+
+
+# ------------------------------------------------------------------ keel checkpoints
+def import_hf(src: Union[str, Path], out: Union[str, Path]) -> Path:
+    """An HF model (folder, .gguf or `smollm2`) as a keel checkpoint folder holding only its weights."""
+    refuse_non_empty(Path(out).absolute())  # before the (slow) load, and never over a user's folder
+    cfg, sd, tokenizer = load_hf(src)
+    path = write_model_checkpoint(Path(out), cfg, sd, tokenizer=tokenizer)
+    n = sum(t.numel() for t in sd.values())
+    print(f"keel import: {src} -> {path} ({cfg.name}, {n / 1e6:.1f}M params, {cfg.n_layers} layers)")
+    return path
+
+
+def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
+    """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM."""
+    from transformers import AutoTokenizer  # heavy: only when exporting
+    refuse_non_empty(Path(out).absolute())
+    cfg, sd, tokenizer_dir = load_model_checkpoint(ckpt)
+    bos_id = eos_id = None
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
+    path = save_hf(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
+    arch = json.loads((path / "config.json").read_text()).get("architectures", ["?"])[0]
+    print(f"keel export: {Path(ckpt).absolute()} -> {path} ({arch}, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M params)")
+    return path

@@ -1,0 +1,66 @@
+"""Model-only checkpoints: a run directory holding just weights (an HF import, a seed checkpoint),
+and single-process loading of any checkpoint's model (`keel.load`, export, RL policies)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from keel.checkpoint.dcp import load_model_weights
+from keel.checkpoint.files import COMPLETE, new_folder, resolve_checkpoint, tokenizer_dir_of
+from keel.errors import CheckpointError
+from keel.model.registry import build_model, model_config_from_dict
+
+
+def write_model_checkpoint(out_dir, model_cfg, state_dict: dict, tokenizer=None) -> Path:
+    """Write a run directory holding only model weights (step 0), e.g. an imported HF model.
+
+    `keel.load(out_dir)` and `model.init_from: out_dir` read it like any other checkpoint.
+    """
+    out_dir = Path(out_dir).absolute()
+    # An existing run or import is never mixed into or written over; the folder appears whole or not at all.
+    with new_folder(out_dir) as tmp:
+        config_yaml = yaml.safe_dump({"model": dataclasses.asdict(model_cfg)}, sort_keys=False)
+        (tmp / "config.yaml").write_text(config_yaml)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        step = tmp / "checkpoints" / "step_0"
+        step.mkdir(parents=True)
+        dcp.save({"model": {k: v.contiguous() for k, v in state_dict.items()}}, checkpoint_id=str(step),
+                 no_dist=True)
+        (step / "trainer.json").write_text(json.dumps({"step": 0, "imported": True}))
+        (step / "config.yaml").write_text(config_yaml)
+        (step / COMPLETE).write_text("step 0\n")
+    return out_dir
+
+
+def checkpoint_model_config(path: Path):
+    """The model config stored in a committed checkpoint folder."""
+    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict) or "name" not in model_raw:
+        raise CheckpointError(f"{path / 'config.yaml'}: has no model section")
+    return model_config_from_dict(model_raw)
+
+
+def load_model_checkpoint(path):
+    """(model config, full fp32 state dict, tokenizer folder or None) of a checkpoint or run dir."""
+    model = load_model(path)
+    ckpt = resolve_checkpoint(path)
+    return model.config, {k: v for k, v in model.state_dict().items()}, tokenizer_dir_of(ckpt)
+
+
+def load_model(path, device: str = "cpu"):
+    """A single-process model with the weights of a checkpoint or run directory."""
+    ckpt = resolve_checkpoint(path)
+    model_cfg = checkpoint_model_config(ckpt)
+    model_cfg.init_from = None
+    model = build_model(model_cfg, "meta")
+    model.to_empty(device=device)
+    model.init_buffers()
+    load_model_weights(ckpt, model, "checkpoint")
+    model.eval()
+    return model

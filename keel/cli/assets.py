@@ -1,0 +1,57 @@
+"""`keel data preprocess`, `keel fetch`, `keel import hf` and `keel export hf`: files in and out."""
+from __future__ import annotations
+
+
+def cmd_preprocess(args) -> None:
+    from keel.data.preprocess import preprocess_main
+    preprocess_main(args.inputs, args.out, args.tokenizer, args.text_key)
+
+
+def cmd_import(args) -> None:
+    import keel
+    from keel.checkpoint.hf import import_hf
+    keel.register_all()
+    import_hf(args.src, args.out)
+
+
+def cmd_export(args) -> None:
+    import keel
+    from keel.checkpoint.hf import export_hf
+    keel.register_all()
+    export_hf(args.checkpoint, args.out)
+
+
+def cmd_fetch(args) -> None:
+    from keel.data.assets import fetch
+    fetch(args.names, force=args.force)
+
+
+def add_parsers(sub, parser_class) -> None:
+    d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True,
+                                                                parser_class=parser_class)
+    pre = d.add_parser("preprocess", help="tokenize .txt/.jsonl into a megatron .bin/.idx dataset",
+                       epilog="example:\n  keel data preprocess corpus/*.jsonl --out data/web --tokenizer smollm2",
+                       formatter_class=parser_class.formatter)
+    pre.add_argument("inputs", nargs="+", help=".txt / .jsonl files or folders of them")
+    pre.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    pre.add_argument("--tokenizer", default="smollm2", help="`smollm2` or an HF tokenizer folder (default: smollm2)")
+    pre.add_argument("--text-key", default="text", help="the jsonl field holding a document (default: text)")
+    pre.set_defaults(fn=cmd_preprocess)
+
+    for verb, fn, src, src_help, example in (
+            ("import", cmd_import, "src", "HF folder, .gguf file, or 'smollm2'", "keel import hf smollm2 out/smollm2"),
+            ("export", cmd_export, "checkpoint", "keel run directory or checkpoints/step_N folder",
+             "keel export hf runs/lm-tiny out/lm-tiny-hf")):
+        fmt = sub.add_parser(verb, help=f"{verb} Hugging Face checkpoints").add_subparsers(
+            dest=f"{verb}_format", required=True, parser_class=parser_class)
+        hf = fmt.add_parser("hf", help=f"{verb} a Hugging Face checkpoint (Llama, Qwen2/3; KSA exports remote code)",
+                            epilog=f"example:\n  {example}", formatter_class=parser_class.formatter)
+        hf.add_argument(src, help=src_help)
+        hf.add_argument("out", help="a new (or empty) folder; never written over")
+        hf.set_defaults(fn=fn)
+
+    f = sub.add_parser("fetch", help="fetch the real corpora and SmolLM2-135M onto this machine",
+                       epilog="example:\n  keel fetch all", formatter_class=parser_class.formatter)
+    f.add_argument("names", nargs="+", help="shakespeare, kjv, smollm2, or all")
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    f.set_defaults(fn=cmd_fetch)

@@ -1,0 +1,158 @@
+"""The recipe sections the training layer owns (`run`, `train`, `optim`, `parallel`, `precision`,
+`logging`) and the checks across sections that need its knowledge (a family's parallelisms,
+pipeline feasibility, FP8 recipes). All run when a recipe is loaded, before any work starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from keel.config import Config, register_check, register_section
+from keel.errors import ConfigError
+from keel.model.registry import get_model_spec
+from keel.train.pipeline import validate_pipeline
+from keel.train.precision import fp8_recipe
+
+
+def _at_least(section: str, obj, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise ConfigError(f"{section}.{name}: must be {'> 0' if minimum == 1 else '>= 0'}, got {value}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "keel"  # the run's name (wandb, SLURM job name)
+    out_dir: str = "runs/keel"  # the run directory; relative paths are relative to the working directory
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    seed: int = 0  # model init, data order and sampling
+    micro_batch: int = 4  # sequences per rank per forward
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    grad_clip: float = 1.0  # global gradient-norm clip; 0: off
+    eval_every: int = 0  # evaluate every N steps; 0: only at the end
+    eval_batches: int = 4  # held-out micro-batches per evaluation
+    log_every: int = 1  # metrics.jsonl / wandb row every N steps
+    sample_prompt: str = "ROMEO:"  # the prompt of the sample printed at the end of `keel train`
+    sample_tokens: int = 48  # tokens sampled at the end; 0: no sample
+    # A NaN/Inf loss or gradient never updates the weights; then: skip the step, roll back to the
+    # last committed checkpoint and replay, or stop with an error (keel/train/faults.py).
+    nonfinite: Literal["skip", "rollback", "stop"] = "stop"
+
+    def validate(self) -> None:
+        _at_least("train", self, 1, "steps", "micro_batch", "global_batch", "log_every", "eval_batches")
+        _at_least("train", self, 0, "grad_clip", "eval_every", "sample_tokens")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"train.global_batch: {self.global_batch} is not a multiple of "
+                              f"train.micro_batch {self.micro_batch}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden matrices, AdamW on the rest
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled weight decay (never on norms, biases or embedding tables)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # LR schedule after the warmup
+    warmup_steps: int = 0  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # the schedule's floor, as a share of optim.lr
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    muon_lr: Optional[float] = None  # muon: lr of the Muon groups; None: optim.lr
+    muon_momentum: float = 0.95  # muon: Nesterov momentum
+    muon_weight_decay: Optional[float] = None  # None: optim.weight_decay
+    ns_steps: int = 5  # muon: Newton-Schulz iterations
+
+    def validate(self) -> None:
+        _at_least("optim", self, 0, "weight_decay", "eps", "warmup_steps")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining, keel/train/pipeline.py)
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"  # the pipeline schedule
+    pp_stages_per_rank: int = 0  # virtual stages per pp rank; 0: 2 for interleaved_1f1b, else 1
+    pp_layers: Optional[list[int]] = None  # layers per stage, in stage order; default: an even split
+    dp_replicate: int = 1  # DDP replicas (HSDP together with dp_shard)
+    dp_shard: int = -1  # FSDP2 shards; -1: every rank the other dims leave
+    cp: int = 1  # context parallelism: each sequence split over cp ranks
+    tp: int = 1  # Megatron-style tensor parallelism (DTensor), inside each data-parallel rank
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute activations in backward
+    compile: bool = False  # torch.compile each block
+    # The training engine: keel's own (DDP / FSDP2 / TP) or DeepSpeed ZeRO (keel/train/deepspeed.py).
+    engine: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 1  # deepspeed: ZeRO stage 1 | 2 | 3
+    offload_optimizer: bool = False  # deepspeed: optimizer states (and step) on the CPU
+    offload_params: bool = False  # deepspeed, zero_stage 3 only: parameters on the CPU
+    ds_config: Optional[Any] = None  # deepspeed: a JSON file path or a mapping, merged over the generated config
+
+    def validate(self) -> None:
+        _at_least("parallel", self, 1, "pp", "dp_replicate", "cp", "tp")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: expected 1, 2 or 3, got {self.zero_stage}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard: must be a positive integer or -1, got {self.dp_shard}")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute, fp32 master weights
+    fp8: Literal["off", "torchao", "te"] = "off"  # FP8 linears in the blocks (keel/train/precision.py)
+    # torchao: tensorwise | rowwise; te: delayed | current. None: tensorwise / delayed.
+    fp8_recipe: Optional[Literal["tensorwise", "rowwise", "delayed", "current"]] = None
+
+    def validate(self) -> None:
+        if self.fp8 != "off":
+            fp8_recipe(self)
+        elif self.fp8_recipe is not None:
+            raise ConfigError("precision.fp8_recipe: set precision.fp8 (torchao or te) to use an FP8 recipe")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["online", "offline", "disabled"] = "offline"  # offline runs sync later with `wandb sync`
+    project: str = "keel"  # the wandb project
+    progress: bool = True  # a live progress line on rank 0
+
+
+for _name, _schema in (("run", RunConfig), ("train", TrainConfig), ("optim", OptimConfig),
+                       ("parallel", ParallelConfig), ("precision", PrecisionConfig), ("logging", LoggingConfig)):
+    register_section(_name, _schema)
+
+
+@register_check
+def check_training_data(cfg: Config) -> None:
+    # RL recipes take their prompts from rl.prompts; every other recipe trains on data.sources.
+    if not cfg.data.sources and getattr(cfg, "rl", None) is None:
+        raise ConfigError("data.sources: at least one data source is required")
+
+
+@register_check
+def check_layout(cfg: Config) -> None:
+    """The family supports the requested model parallelisms, and the layout fits the model."""
+    spec = get_model_spec(cfg.model.name)
+    for dim in ("tp", "cp", "pp"):
+        if getattr(cfg.parallel, dim) > 1 and dim not in spec.model_parallel:
+            raise ConfigError(f"parallel.{dim}: the {spec.name} family does not support it yet; "
+                              f"it trains with data parallelism (parallel.dp_shard / dp_replicate)")
+    if cfg.parallel.pp > 1:
+        validate_pipeline(cfg.parallel, cfg.model)
+    if cfg.data.seq_len % (2 * cfg.parallel.cp):
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be divisible by 2 * parallel.cp "
+                          f"= {2 * cfg.parallel.cp} (each cp rank holds two balanced chunks)")
+    for key in ("n_heads", "n_kv_heads"):
+        heads = getattr(cfg.model, key, None)
+        if heads is not None and heads % cfg.parallel.tp:
+            raise ConfigError(f"parallel.tp: {cfg.parallel.tp} does not divide model.{key} {heads}")
