@@ -61,6 +61,8 @@ def _first_line(e: Exception) -> str:
 def load_hf(src: Union[str, Path]):
     """(keel config, keel-named fp32 state dict, transformers tokenizer or None) of an HF model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: only when importing
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # keel prints its own one line per import
     folder, gguf = locate(src)
     where = str(folder / gguf) if gguf else str(folder)
     extra = {"gguf_file": gguf} if gguf else {}

@@ -7,6 +7,7 @@ Errors from the user's input (KeelError) print one line and exit with code 2, no
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -51,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_third_party() -> None:
+    """Warnings that are not the user's to act on stay out of keel's output: torchao (imported by
+    transformers when installed) logs every CUDA-only library it cannot load, torch's pytree an enum
+    torchao registers."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> None:
+    _quiet_third_party()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     late = [a for a in unknown if "=" in a and not a.startswith("-")]  # overrides given after a flag
