@@ -25,7 +25,8 @@ from keel.rl.config import check_registries, loss_options, register_rl_trainer
 from keel.rl.engines import SamplingParams, build_engine
 from keel.rl.prompts import load_prompts
 from keel.rl.rewards import get_reward
-from keel.rl.run import PromptStream, RLRun, logprobs_of
+from keel.rl.run import PromptStream, RLRun
+from keel.rl.scoring import logprobs_of
 
 
 @register_rl_trainer("grpo")

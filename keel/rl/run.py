@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from keel.checkpoint.dcp import Checkpointer
 from keel.checkpoint.files import COMPLETE, resolve_checkpoint, tokenizer_dir_of
@@ -63,33 +62,6 @@ def load_policy(spec: str, device: torch.device | str = "cpu"):
     if gguf:  # the tokenizer lives inside the .gguf file
         return model.train(), Tokenizer(hf_tokenizer, Path(gguf).stem, folder)
     return model.train(), Tokenizer.load(str(folder))
-
-
-# ------------------------------------------------------------------ trainer-side log-probabilities
-
-def logprobs_of(model: torch.nn.Module, sequences: torch.Tensor, response_mask: torch.Tensor,
-                temperature: float = 1.0, with_entropy: bool = False):
-    """log p(token_t | tokens_<t) [B, L] at the response positions (0 elsewhere), under
-    softmax(logits / temperature) — the rollout engines' convention — and, with `with_entropy`,
-    the per-token entropy [B, L] of that distribution too.
-
-    `sequences` are prompt + response, right-padded; `response_mask` marks response tokens. Only
-    response positions go through the LM head, so [tokens x vocab] exists for responses alone.
-    """
-    hidden = model.hidden_states(sequences)
-    scored = response_mask[:, 1:]  # token t is predicted from position t - 1
-    logits = F.linear(hidden[:, :-1][scored], model.head_weight()).float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    log_probs = logits.log_softmax(-1)
-    picked = log_probs.gather(-1, sequences[:, 1:][scored][:, None]).squeeze(-1)
-    out = torch.zeros(sequences.shape, dtype=picked.dtype, device=picked.device)
-    out[:, 1:][scored] = picked
-    if not with_entropy:
-        return out
-    entropy = torch.zeros_like(out)
-    entropy[:, 1:][scored] = -(log_probs.exp() * log_probs).sum(-1)
-    return out, entropy
 
 
 # ------------------------------------------------------------------ prompt order

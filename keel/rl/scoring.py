@@ -1,9 +1,13 @@
-"""Scoring response tokens under a model: the per-token log-probabilities DPO and distillation need,
-and the full next-token distributions at response positions when a full-vocabulary KL is wanted.
+"""Scoring response tokens under a model: per-token log-probabilities (GRPO's trainer side, DPO,
+distillation), entropies, and — when a full-vocabulary KL is wanted — the full next-token
+distributions at response positions.
 
 Sequences are right-padded [B, L] with a bool `response_mask` marking the response tokens; token t
-is scored by the logits at t-1. Only response positions go through the LM head, so the
-[tokens x vocab] logits exist for the responses alone.
+is scored by the logits at t-1. Only response positions go through the LM head, and they do so in
+chunks of `chunk` tokens, each checkpointed when gradients flow, so at most [chunk x vocab] logits
+exist at once in the forward and the backward (a GoLongRL micro-batch of responses would otherwise
+hold tens of GB of fp32 logits). The full-vocabulary path (`full=True`) returns [N x vocab] by its
+nature: it is for the distillation signal that needs it, on micro-batches sized for it.
 """
 from __future__ import annotations
 
@@ -11,21 +15,69 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SCORE_CHUNK = 1024  # response tokens whose logits exist at once
+
+
+def _chunk_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(hidden, weight).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    log_probs = logits.log_softmax(-1)
+    picked = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else torch.zeros_like(picked)
+    return picked, entropy
+
+
+def token_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                 with_entropy: bool = False, chunk: int = SCORE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [N], entropy [N] (zeros unless `with_entropy`)) for rows hidden [N, D] under
+    softmax(hidden @ weight.T / temperature), computed `chunk` rows at a time."""
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and hidden.shape[0] > chunk
+    picked, entropy = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start:start + chunk], weight, targets[start:start + chunk], temperature, with_entropy)
+        p, e = checkpoint(_chunk_scores, *args, use_reentrant=False) if recompute else _chunk_scores(*args)
+        picked.append(p)
+        entropy.append(e)
+    if not picked:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(picked), torch.cat(entropy)
+
+
+def _scatter(values: torch.Tensor, scored: torch.Tensor, shape) -> torch.Tensor:
+    """[N] values at the `scored` positions of a zero [B, L] tensor (position t holds token t's)."""
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return torch.cat([out[:, :1], out[:, 1:].masked_scatter(scored, values)], dim=1)
+
+
+def logprobs_of(model: torch.nn.Module, sequences: torch.Tensor, response_mask: torch.Tensor,
+                temperature: float = 1.0, with_entropy: bool = False, chunk: int = SCORE_CHUNK):
+    """log p(token_t | tokens_<t) [B, L] at the response positions (0 elsewhere), under
+    softmax(logits / temperature) — the rollout engines' convention — and, with `with_entropy`,
+    the per-token entropy [B, L] of that distribution too."""
+    hidden = model.hidden_states(sequences)
+    scored = response_mask[:, 1:]  # token t is predicted from position t - 1
+    picked, entropy = token_scores(hidden[:, :-1][scored], model.head_weight(), sequences[:, 1:][scored],
+                                   temperature, with_entropy, chunk)
+    out = _scatter(picked, scored, sequences.shape)
+    return (out, _scatter(entropy, scored, sequences.shape)) if with_entropy else out
 
 
 def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
                       full: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(token_logps [B, L], zero off the response; full log-softmax [N, V] of the N response
     positions in row-major order, or None unless `full`)."""
+    if not full:
+        return logprobs_of(model, input_ids, response_mask), None
     hidden = model.hidden_states(input_ids)  # [B, L, D]
-    scored = response_mask[:, 1:]  # token t (t >= 1) is predicted at t-1
-    logits = F.linear(hidden[:, :-1][scored], model.head_weight()).float()  # [N, V]
-    log_probs = logits.log_softmax(-1)
-    targets = input_ids[:, 1:][scored]
-    picked = log_probs.gather(-1, targets[:, None]).squeeze(-1)
-    token_logps = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
-    token_logps = torch.cat([token_logps[:, :1], token_logps[:, 1:].masked_scatter(scored, picked)], dim=1)
-    return token_logps, (log_probs if full else None)
+    scored = response_mask[:, 1:]
+    log_probs = F.linear(hidden[:, :-1][scored], model.head_weight()).float().log_softmax(-1)  # [N, V]
+    picked = log_probs.gather(-1, input_ids[:, 1:][scored][:, None]).squeeze(-1)
+    return _scatter(picked, scored, input_ids.shape), log_probs
 
 
 def full_vocab_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@
 
 `generate` returns one Rollout per prompt and sample (prompt-major: prompt 0's n samples first).
 Each Rollout's logprobs are the engine's log p(token) under the temperature-scaled distribution,
-before top-k/top-p truncation: the same quantity `keel.rl.run.logprobs_of` recomputes on the
+before top-k/top-p truncation: the same quantity `keel.rl.scoring.logprobs_of` recomputes on the
 trainer, so the two can be compared token by token (truncated importance sampling).
 """
 from __future__ import annotations
