@@ -176,6 +176,8 @@ def test_kl_and_entropy_terms():
     close(kl_penalty(logprobs, ref, mask, "k2"), [[0.5 * ln2 ** 2, 0.0]])
     close(kl_penalty(logprobs, ref, mask, "k3"), [[0.5 + ln2 - 1, 0.0]])  # q/p - log(q/p) - 1
     close(kl_penalty(logprobs, ref, torch.tensor([[False, True]]), "k3"), [[0.0, 0.0]])
+    # k3 is bounded at 10 (verl's clamp): a token whose reference probability is e^15 times its own
+    assert float(kl_penalty(torch.tensor([[-20.0]]), torch.tensor([[-5.0]]), torch.tensor([[True]]), "k3")) == 10.0
     with pytest.raises(ConfigError, match="kl_kind"):
         kl_penalty(logprobs, ref, mask, "k4")
     # uniform over 2 -> ln 2;  probs (.25, .75) -> -(.25 ln .25 + .75 ln .75) = 0.562335
@@ -198,14 +200,14 @@ def test_truncated_is_weights():
     w, m = truncated_is_weights(trainer, rollout, mask, cap=2.0)
     assert not w.requires_grad
     close(w, [[2.0, 0.5, 1.5], [1.0, 1e-5, 0.0]])
-    assert m["weight_mean"] == pytest.approx((2 + 0.5 + 1.5 + 1 + 1e-5) / 5, abs=1e-6)
-    assert m["weight_max"] == pytest.approx(2.0)
-    assert m["fraction_capped"] == pytest.approx(1 / 5)
+    assert m["is/weight_mean"] == pytest.approx((2 + 0.5 + 1.5 + 1 + 1e-5) / 5, abs=1e-6)
+    assert m["is/weight_max"] == pytest.approx(2.0)
+    assert m["is/fraction_capped"] == pytest.approx(1 / 5)
     # GoLongRL's band [0.5, 5.0] with veto 1e-4: row 1 has a 1e-5 token -> its whole sequence gets 0
     w, m = truncated_is_weights(trainer, rollout, mask, cap=(0.6, 5.0), veto=1e-4)
     close(w, [[3.0, 0.6, 1.5], [0.0, 0.0, 0.0]])
-    assert m["veto_fraction"] == pytest.approx(0.5)
-    assert m["fraction_capped"] == pytest.approx(2 / 5)  # 0.5 -> 0.6 and 1e-5 -> 0.6
+    assert m["is/veto_fraction"] == pytest.approx(0.5)
+    assert m["is/fraction_capped"] == pytest.approx(2 / 5)  # 0.5 -> 0.6 and 1e-5 -> 0.6
     with pytest.raises(ConfigError, match="rl.is_cap"):
         truncated_is_weights(trainer, rollout, mask, cap=(2.0, 1.0))
 

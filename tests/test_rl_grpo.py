@@ -149,3 +149,30 @@ def test_grpo_raises_heldout_arithmetic_accuracy(tmp_path):
     print(f"held-out greedy accuracy {before:.3f} -> {after:.3f}; train reward by step "
           f"{[round(r['reward_mean'], 3) for r in rows[1:]]}")
     assert after >= before + 0.10
+
+
+def test_overlong_prompts_are_filtered_before_templating_or_cut_when_asked(tmp_path, tiny_policy):
+    """rl.overlong_prompts: filter drops prompts whose templated length exceeds rl.max_prompt_tokens
+    (counted here independently with the tokenizer's chat template); truncate_left keeps them all."""
+    from keel.errors import ConfigError
+    from keel.rl.grpo import GRPOTrainer
+
+    _length_reward()
+    words = ["rain", "the old king of the northern hills and all his horses " * 6, "gold"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "answer": "x"}) + "\n" for w in words))
+    tokenizer = keel.load_tokenizer(tiny_policy)
+    lengths = [len(tokenizer.encode(tokenizer.hf.apply_chat_template(
+        [{"role": "user", "content": f"Say something about {w}."}], tokenize=False, add_generation_prompt=True)))
+        for w in words]
+    limit = (max(lengths) + min(lengths)) // 2  # the long prompt alone is over it
+    trainer = GRPOTrainer(keel.load_recipe(RECIPE, _tiny_overrides(tmp_path / "f", tiny_policy, prompts,
+                                                                   **{"rl.max_prompt_tokens": limit})))
+    assert sorted(it.prompt for it in trainer.prompts.items) == sorted(f"Say something about {w}." for w in (words[0], words[2]))
+    kept = GRPOTrainer(keel.load_recipe(RECIPE, _tiny_overrides(tmp_path / "t", tiny_policy, prompts, **{
+        "rl.max_prompt_tokens": limit, "rl.overlong_prompts": "truncate_left"})))
+    assert len(kept.prompts.items) == 3
+    assert max(len(kept.encode_prompt(it.prompt)) for it in kept.prompts.items) == limit
+    with pytest.raises(ConfigError, match="rl.prompts: every prompt is longer than rl.max_prompt_tokens = 3"):
+        GRPOTrainer(keel.load_recipe(RECIPE, _tiny_overrides(tmp_path / "n", tiny_policy, prompts,
+                                                             **{"rl.max_prompt_tokens": 3})))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from keel.config import build_dataclass, choose, register_section
 from keel.errors import ConfigError
@@ -65,7 +65,10 @@ class RLConfig:
     prompts_per_step: int = 8  # prompts sampled per step
     group_size: int = 8  # rollouts per prompt (G)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    max_prompt_tokens: int = 1024  # longer prompts are cut from the left (GoLongRL: truncation left)
+    max_prompt_tokens: int = 1024  # the longest templated prompt, in tokens
+    # A longer prompt: dropped when the prompts are loaded (GoLongRL's filter_overlong_prompts), or cut
+    # from the left after the chat template (which can cut the template's own header).
+    overlong_prompts: Literal["filter", "truncate_left"] = "filter"
     advantage: str = "grpo"  # keel/rl/advantages.py ADVANTAGE_ESTIMATORS
     advantage_cfg: dict = field(default_factory=dict)  # that estimator's options (checked by it)
     loss: str = "ppo_clip"  # keel/rl/losses.py POLICY_LOSSES

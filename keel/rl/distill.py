@@ -229,6 +229,7 @@ class OPDTrainer(RLRun):
 
     _stop_ids = GRPOTrainer._stop_ids
     encode_prompt = GRPOTrainer.encode_prompt
+    fitting_prompts = GRPOTrainer.fitting_prompts
 
     @classmethod
     def validate_config(cls, rl) -> None:
@@ -248,12 +249,14 @@ class OPDTrainer(RLRun):
             self.optimizer, self.scheduler = adapter_optimizer(self.policy, self.cfg.optim,
                                                                 self.total_steps * self.updates_per_step)
         self.teachers = {name: self._load_teacher(name, spec) for name, spec in self.opd.teachers.items()}
-        self.prompts = PromptStream(load_prompts(rl.prompts), seed)
+        self.prompts = PromptStream(self.fitting_prompts(load_prompts(rl.prompts), "rl.prompts"), seed)
         self.domain_prompts = None
         if self.camopd:
-            self.domain_prompts = PromptStream(load_prompts(self.camopd.domain_prompts,
-                                                            key="rl.opd.camopd.domain_prompts"), seed + 1)
-        self.eval_items = load_prompts(rl.eval_prompts, key="rl.eval_prompts") if rl.eval_prompts else []
+            key = "rl.opd.camopd.domain_prompts"
+            self.domain_prompts = PromptStream(self.fitting_prompts(load_prompts(self.camopd.domain_prompts, key=key),
+                                                                    key), seed + 1)
+        self.eval_items = (self.fitting_prompts(load_prompts(rl.eval_prompts, key="rl.eval_prompts"), "rl.eval_prompts")
+                           if rl.eval_prompts else [])
 
     def _load_teacher(self, name: str, spec: str) -> torch.nn.Module:
         model, tokenizer = load_policy(spec, self.device)
@@ -293,7 +296,8 @@ class OPDTrainer(RLRun):
         batch, engine_logps, rollouts = self._sample(stream.take(rl.prompts_per_step), branch,
                                                      (self.cfg.train.seed * 1_000_003 + self.step) * 97)
         rollout_s = time.perf_counter() - t0
-        teacher_logps, _ = teacher_scores(self.teachers, batch)
+        with torch.no_grad(), self.autocast():  # teachers score in the precision the student trains in
+            teacher_logps, _ = teacher_scores(self.teachers, batch)
         keep = self.camopd.keep_fraction if self.camopd else 1.0
         if rl.sampling.temperature == 1.0:  # the engine's log-probs are the student's own
             student_logps = engine_logps

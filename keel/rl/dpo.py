@@ -221,7 +221,7 @@ class DPOTrainer(RLRun):
         scorer = DPOObjective(self.policy, self.dpo, reference=self.policy)
         out = []
         for n, batch in self._batches(pairs):
-            with adapters_disabled(self.policy):
+            with adapters_disabled(self.policy), self.autocast():  # the precision the policy trains in
                 sums, _ = scorer.reference_scores(batch)
             for i, pair in enumerate(pairs[len(out):len(out) + n]):
                 out.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, float(sums[i]), float(sums[n + i])))

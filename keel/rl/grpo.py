@@ -47,15 +47,15 @@ class GRPOTrainer(RLRun):
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         rl = self.rl
-        self.prompts = PromptStream(load_prompts(rl.prompts), self.cfg.train.seed)
-        self.eval_items = load_prompts(rl.eval_prompts) if rl.eval_prompts else []
+        self._encoded: dict = {}
+        self.prompts = PromptStream(self.fitting_prompts(load_prompts(rl.prompts), "rl.prompts"), self.cfg.train.seed)
+        self.eval_items = self.fitting_prompts(load_prompts(rl.eval_prompts), "rl.eval_prompts") if rl.eval_prompts else []
         self.stop_ids = self._stop_ids()
         self.engine = build_engine(rl.engine, self.policy, rl)
         self.reference = None
         if rl.kl_coef > 0:  # KL is measured against the starting policy, frozen
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.advantage_state: dict = {}
-        self._encoded: dict = {}
 
     def _stop_ids(self) -> tuple:
         ids = [self.tokenizer.eos_id] if self.rl.sampling.stop_at_eos else []
@@ -67,7 +67,22 @@ class GRPOTrainer(RLRun):
             ids += pieces
         return tuple(dict.fromkeys(ids))
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def fitting_prompts(self, items: list, key: str) -> list:
+        """The items whose templated prompt fits rl.max_prompt_tokens, under rl.overlong_prompts: filter
+        (all of them under truncate_left, cut when encoded)."""
+        if self.rl.overlong_prompts == "truncate_left":
+            return items
+        limit = self.rl.max_prompt_tokens
+        kept = [item for item in items if len(self.encode_prompt(item.prompt, truncate=False)) <= limit]
+        if not kept:
+            raise ConfigError(f"{key}: every prompt is longer than rl.max_prompt_tokens = {limit} tokens; raise it, "
+                              f"or set rl.overlong_prompts: truncate_left")
+        if len(kept) < len(items):
+            print(f"keel rl: {key}: dropped {len(items) - len(kept)} of {len(items)} prompts longer than "
+                  f"rl.max_prompt_tokens = {limit}", flush=True)
+        return kept
+
+    def encode_prompt(self, text: str, truncate: bool = True) -> list[int]:
         if text not in self._encoded:
             wrapped = text
             if self.rl.chat_template and self.tokenizer.chat_template:
@@ -75,9 +90,9 @@ class GRPOTrainer(RLRun):
                 if self.rl.system_prompt is not None:
                     turns.insert(0, {"role": "system", "content": self.rl.system_prompt})
                 wrapped = self.tokenizer.hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer.encode(wrapped)
-            self._encoded[text] = ids[-self.rl.max_prompt_tokens:]  # truncation from the left
-        return self._encoded[text]
+            self._encoded[text] = self.tokenizer.encode(wrapped)
+        ids = self._encoded[text]
+        return ids[-self.rl.max_prompt_tokens:] if truncate else ids  # truncate_left cuts from the left
 
     def state_dict(self) -> dict:
         return {"prompts": self.prompts.state_dict(), "advantage": self.advantage_state}

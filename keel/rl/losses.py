@@ -132,7 +132,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
     elif kind == "k2":
         kl = 0.5 * log_ratio ** 2
     elif kind == "k3":
-        kl = torch.exp(-log_ratio) + log_ratio - 1
+        kl = (torch.exp(-log_ratio) + log_ratio - 1).clamp(max=10.0)  # verl's bound: one token cannot swamp a step
     else:
         raise ConfigError(f"rl.loss.kl_kind: unknown KL estimator {kind!r}; expected one of ['k1', 'k2', 'k3']")
     return kl * mask
@@ -152,7 +152,8 @@ def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch
     `cap` is the upper bound, or a (low, high) pair (GoLongRL clips to [0.5, 5.0]). `veto`: a
     sequence with any token ratio below it gets weight 0 (verl's catastrophic-mismatch veto; GoLongRL
     uses 1e-4). Weights are 0 outside `mask`. Metrics (unprefixed; the trainer logs them under is/):
-    weight_mean / weight_max over valid tokens, fraction_capped, veto_fraction.
+    is/weight_mean / is/weight_max over valid tokens, is/fraction_capped, is/veto_fraction (grouped
+    under is/ in metrics.jsonl and wandb, so a dashboard shows them together).
     """
     low, high = (cap if isinstance(cap, (tuple, list)) else (0.0, cap))
     if not 0.0 <= low < high:
@@ -167,12 +168,12 @@ def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch
         if veto is not None:
             vetoed = ((raw < veto) & mask).any(dim=-1, keepdim=True)
             weights = torch.where(vetoed, torch.zeros_like(weights), weights)
-            metrics["veto_fraction"] = float(vetoed.float().mean())
+            metrics["is/veto_fraction"] = float(vetoed.float().mean())
         weights = weights * mask
         n = mask.sum().clamp_min(1)
         metrics.update({
-            "weight_mean": float(weights.sum() / n),
-            "weight_max": float(weights.max()) if mask.any() else 0.0,
-            "fraction_capped": float(capped.sum() / n),
+            "is/weight_mean": float(weights.sum() / n),
+            "is/weight_max": float(weights.max()) if mask.any() else 0.0,
+            "is/fraction_capped": float(capped.sum() / n),
         })
     return weights, metrics
