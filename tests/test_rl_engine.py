@@ -146,3 +146,24 @@ def test_vllm_engine_matches_native_on_smollm2():
         engine.update_weights(policy.named_parameters(), version=1)
     for a, b in zip(vllm_engine.generate(prompts, params), native.generate(prompts, params)):
         assert a.tokens == b.tokens
+
+
+def test_recorded_logprobs_are_those_of_the_truncated_sampling_distribution():
+    """With top-p < 1 and top-k, each recorded log-probability equals log of the token's probability
+    after truncation and renormalisation, recounted here from a fresh full forward."""
+    model = _tiny_model(4)
+    prompts = _prompts(5, seed=2)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.6, top_k=20, n=2, seed=1)
+    for r in NativeEngine(model, max_batch=3).generate(prompts, params):
+        ids = torch.tensor([prompts[r.prompt_index] + r.tokens])
+        with torch.no_grad():
+            logits = model(ids)[0, len(prompts[r.prompt_index]) - 1:-1].float() / 0.9
+        for step, (token, recorded) in enumerate(zip(r.tokens, r.logprobs)):
+            probs = logits[step].softmax(-1)
+            top = torch.topk(probs, 20)  # top-k first, then the smallest nucleus holding 0.6 of it
+            kept_p, kept_i = top.values / top.values.sum(), top.indices
+            nucleus = int((kept_p.cumsum(0) - kept_p < 0.6).sum())
+            kept_p, kept_i = kept_p[:nucleus] / kept_p[:nucleus].sum(), kept_i[:nucleus]
+            assert token in kept_i.tolist()  # never sampled outside the nucleus
+            expected = torch.log(kept_p[kept_i.tolist().index(token)])
+            assert abs(recorded - float(expected)) < 1e-4, (step, recorded, float(expected))

@@ -69,11 +69,9 @@ class GenerationOutput:
     logprobs: list[list[float]]  # log p(token) under the model, one per generated token
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Pick one token per row of logits [B, V]."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def processed_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The logits of the distribution actually sampled from: scaled by 1 / temperature, then cut to the
+    top k and to the top-p nucleus (-inf outside). Its log-softmax is the sampler's log-probability."""
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -85,8 +83,25 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick one token per row of logits [B, V]."""
+    return sample_with_logprobs(logits, temperature, top_k, top_p, generator)[0]
+
+
+def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one token per row of logits [B, V], its log-probability under the distribution it was drawn
+    from: the processed one, truncated and renormalised; the raw model's for greedy decoding)."""
+    if temperature <= 0:
+        token = logits.argmax(dim=-1)
+        return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+    processed = processed_logits(logits, temperature, top_k, top_p)
+    token = torch.multinomial(processed.softmax(-1), 1, generator=generator).squeeze(-1)
+    return token, processed.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
 
 
 @torch.no_grad()

@@ -5,9 +5,11 @@
     engine.update_weights(policy.named_parameters(), version=step)
 
 `generate` returns one Rollout per prompt and sample (prompt-major: prompt 0's n samples first).
-Each Rollout's logprobs are the engine's log p(token) under the temperature-scaled distribution,
-before top-k/top-p truncation: the same quantity `keel.rl.scoring.logprobs_of` recomputes on the
-trainer, so the two can be compared token by token (truncated importance sampling).
+Each Rollout's logprobs are the engine's log p(token) under the distribution the token was drawn
+from — temperature-scaled, then top-k/top-p truncated and renormalised — the behaviour policy that
+truncated importance sampling corrects for against the trainer's `keel.rl.scoring.logprobs_of` (the
+same without truncation: equal when top_p = 1 and top_k = 0). The vLLM engine returns vLLM's raw
+(temperature 1) logprobs today: exact only at temperature 1 without truncation (a known gap).
 """
 from __future__ import annotations
 

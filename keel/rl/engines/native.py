@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from keel.model.generation import KVCache, sample_next
+from keel.model.generation import KVCache, sample_with_logprobs
 from keel.rl.engines.base import Rollout, SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,9 +123,10 @@ class NativeEngine:
                 self._compact(cache, longest_prefill)
             cache.append_valid(torch.ones(len(slots.owner), 1, dtype=torch.bool, device=self.device))
             logits = self.model(inputs[:, None], cache=cache)[:, -1].float()
-            nxt = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
-            scaled = logits / sampling.temperature if sampling.temperature > 0 else logits
-            logprobs = scaled.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+            # The log-probability of the distribution actually sampled (top-k/top-p truncated): the
+            # behaviour policy that truncated importance sampling corrects for.
+            nxt, logprobs = sample_with_logprobs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                                 generator)
             stopped = torch.isin(nxt, stop).tolist()
             nxt_list, lp_list = nxt.tolist(), logprobs.tolist()
             finished = []
