@@ -58,6 +58,24 @@ def test_tiny_ksa_with_every_option_exports_exactly(tmp_path):
         assert_same_logits(model(ids), hf(ids).logits)
 
 
+def test_summary_mix_qkv_exports_as_after_its_schedule(tmp_path):
+    """summary_mix_qkv: the export carries mix 0 (summaries use the base q/k/v after qk-norm), which is
+    keel's model at or after summary_mix_end_step."""
+    torch.manual_seed(0)
+    cfg = KSAConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, chunk_size=4,
+                    summary_tokens=2, qk_norm=True, layer_pattern=["ksa", "full"], window_chunks=1,
+                    max_seq_len=256, summary_mix_qkv=True, summary_mix_start_step=0, summary_mix_end_step=10)
+    cfg.validate()
+    model = build_model(cfg)
+    model.init_weights()
+    model.set_train_step(10)
+    out = save_ksa_hf(cfg, model.eval().state_dict(), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["summary_mix_coeff"] == 0.0
+    ids = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        assert_same_logits(model(ids), load_export(out)(ids).logits)
+
+
 def test_remote_code_is_self_contained():
     """The remote-code file must run where keel is not installed: it imports torch and transformers only."""
     tree = ast.parse((REMOTE_DIR / "modeling_ksa.py").read_text())

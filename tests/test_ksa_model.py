@@ -123,11 +123,12 @@ def test_layout_helpers():
     N, S, T = 3, 2, 11
     text_index, is_summary = expanded_layout(T, N, S)
     cols = text_positions_in_expanded(T, N, S)
-    expanded = []  # ("t", j) or ("s", last text index of the chunk)
+    expanded = []  # ("t", j) or ("s", the text index whose RoPE position the summary takes)
     for j in range(T):
         expanded.append(("t", j))
-        if (j + 1) % N == 0:
-            expanded += [("s", j)] * S
+        if (j + 1) % N == 0:  # summary s of chunk i at i*N + (s+1)*N//S - 1 (the reference's spread)
+            i = j // N
+            expanded += [("s", i * N + max((s + 1) * N // S - 1, 0)) for s in range(S)]
     assert is_summary.tolist() == [kind == "s" for kind, _ in expanded]
     assert text_index.tolist() == [j for _, j in expanded]
     assert cols.tolist() == [i for i, (kind, _) in enumerate(expanded) if kind == "t"]
@@ -161,8 +162,8 @@ def test_summary_positions_and_removal():
         row = []
         for j in range(T):
             row.append(int(positions[b, j]))
-            if (j + 1) % N == 0:
-                row += [int(positions[b, j])] * S  # a summary takes its chunk's last text position
+            if (j + 1) % N == 0:  # N=3, S=2: the summaries take the chunk's text offsets 0 and 2
+                row += [int(positions[b, j - N + 1 + (s + 1) * N // S - 1]) for s in range(S)]
         want.append(row)
     assert exp_pos.tolist() == want
     assert torch.equal(h[:, layout.text_cols], model.tok_embeddings(ids))
@@ -329,7 +330,8 @@ def test_stage1_distillation_trains_only_summary_parameters(kjv_bytes, dense_kjv
         opt.step()
         opt.zero_grad()
     end_loss, end_kl = held_out()
-    # Measured (seed 0): loss 3.565 -> 3.353, KL 0.050 -> 0.016 per token.
+    print(f"\nheld-out loss {start_loss:.3f} -> {end_loss:.3f}, KL {start_kl:.3f} -> {end_kl:.3f} per token")
+    # Measured (seed 0, summary_init reference, per-element MSE clamp): loss 6.136 -> 3.179, KL 0.496 -> 0.030.
     assert end_loss < start_loss - 0.1, (start_loss, end_loss)
     assert end_kl < 0.5 * start_kl, (start_kl, end_kl)
     # The last KSA layer's summary queries only shape summary outputs no later KSA layer reads, so
@@ -344,7 +346,8 @@ def test_stage1_distillation_trains_only_summary_parameters(kjv_bytes, dense_kjv
             assert torch.equal(p, before[name]), name
 
 
-def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path):
+@pytest.mark.parametrize("summary_init", ["reference", "copy"])
+def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path, summary_init):
     from keel.errors import CheckpointError
     from keel.checkpoint.dcp import load_model_weights
     from keel.checkpoint.model_io import write_model_checkpoint
@@ -354,7 +357,7 @@ def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path):
     dense = build_model(dense_cfg)
     dense.init_weights()
     write_model_checkpoint(tmp_path / "dense", dense_cfg, dense.state_dict())
-    cfg = KSAConfig(**{**vars(dense_cfg), "name": "ksa"}, chunk_size=4)
+    cfg = KSAConfig(**{**vars(dense_cfg), "name": "ksa"}, chunk_size=4, summary_init=summary_init)
     model = build_model(cfg, "meta")  # as the Trainer does for model.init_from
     model.to_empty(device="cpu")
     model.init_buffers()
@@ -362,12 +365,20 @@ def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path):
     state = model.state_dict()
     for name, value in dense.state_dict().items():
         assert torch.equal(state[name], value), name
-    for name in state:
-        if is_summary_param(name) and name != "summary_embedding.weight":
-            assert torch.equal(state[name], state[name.replace("_summary", "")]), name
+    summary = state["summary_embedding.weight"]
     table = dense.tok_embeddings.weight.detach()
-    summary = state["summary_embedding.weight"]  # mean token embedding + noise of the table's std
-    assert float((summary - table.mean(0)).std()) == pytest.approx(float(table.std()), rel=0.5)
+    if summary_init == "copy":
+        for name in state:
+            if is_summary_param(name) and name != "summary_embedding.weight":
+                assert torch.equal(state[name], state[name.replace("_summary", "")]), name
+        # mean token embedding + noise of the table's std
+        assert float((summary - table.mean(0)).std()) == pytest.approx(float(table.std()), rel=0.5)
+    else:  # the official code: xavier-uniform summary q/k/v, summary embedding N(0, 0.02)
+        w = state["layers.0.attention.wk_summary.weight"]
+        bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+        assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.2)
+        assert not torch.equal(w, state["layers.0.attention.wk.weight"])
+        assert float(summary.mean().abs()) < 0.01 and float(summary.std()) == pytest.approx(0.02, rel=0.3)
     # A checkpoint missing non-summary weights (fewer layers) is still an error naming them.
     small = build_model(TransformerConfig(**{**vars(dense_cfg), "n_layers": 2}))
     small.init_weights()

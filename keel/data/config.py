@@ -26,6 +26,9 @@ class DataConfig:
     eval_fraction: float = 0.02  # share of each source's documents held out for eval
     cache_dir: Optional[str] = None  # where tokenized corpora are cached; default: $KEEL_HOME/data
     shuffle: bool = True  # shuffle sequences (a pure function of train.seed and the sample index)
+    # Packed pretraining rows: true = per-document positions and doc_ids (attention stays inside a
+    # document, RoPE restarts at each); false = whole rows, positions 0..L-1 and one doc id (plain causal).
+    document_mask: bool = True
 
     def validate(self) -> None:
         if self.seq_len <= 0:

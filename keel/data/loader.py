@@ -80,10 +80,11 @@ def _pretrain_splits(cfg: DataConfig, tokenizer: Tokenizer, cache_dir, progress:
                                 progress=progress)
         sources.append(prefix)
         train_docs, eval_docs = split_documents(prefix, cfg.eval_fraction)
-        trains.append(PackedDataset(prefix, cfg.seq_len, train_docs))
+        trains.append(PackedDataset(prefix, cfg.seq_len, train_docs, cfg.document_mask))
         if len(eval_docs):
             try:
-                evals.append((PackedDataset(prefix, cfg.seq_len, eval_docs), source.weight))
+                evals.append((PackedDataset(prefix, cfg.seq_len, eval_docs, cfg.document_mask),
+                              source.weight))
             except DataError as e:
                 raise DataError(f"{e} (the eval split of data.sources[{i}]; raise "
                                 f"data.eval_fraction, lower data.seq_len, or set data.eval_fraction "

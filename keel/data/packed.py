@@ -4,7 +4,8 @@ The documents of a megatron-core indexed dataset (PREFIX.bin/.idx, each document
 form one token stream; sample i is the window stream[i*L : i*L + L + 1], so consecutive samples
 share one token and no token is wasted except the final partial window. Each sample also carries
 per-token `positions` (offset inside its document) and `doc_ids`, so attention can be restricted
-to the current document and RoPE restarts where a document starts.
+to the current document and RoPE restarts where a document starts; with document_mask=False
+(data.document_mask) a sample is one whole row instead: positions 0..L-1 and doc_ids all 0.
 
 Only the slices a sample needs are read, through the memory-mapped .bin: corpora of any size work.
 """
@@ -96,9 +97,10 @@ def eval_count(n: int, eval_fraction: float) -> int:
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    def __init__(self, prefix, seq_len: int, documents: range | None = None):
+    def __init__(self, prefix, seq_len: int, documents: range | None = None, document_mask: bool = True):
         self.prefix = Path(prefix)
         self.seq_len = int(seq_len)
+        self.document_mask = bool(document_mask)
         self.indexed = open_indexed(self.prefix)
         doc_index = np.asarray(self.indexed.document_indices, dtype=np.int64)
         n_docs = len(doc_index) - 1
@@ -143,8 +145,12 @@ class PackedDataset(torch.utils.data.Dataset):
             owners.append(np.full(hi - lo, k, dtype=np.int64))
         window = np.concatenate(pieces).astype(np.int64)
         owner = np.concatenate(owners)
-        positions = np.arange(start, end, dtype=np.int64) - self._doc_start[owner]
-        doc_ids = self._doc_of_seq[owner]
+        if self.document_mask:
+            positions = np.arange(start, end, dtype=np.int64) - self._doc_start[owner]
+            doc_ids = self._doc_of_seq[owner]
+        else:  # one row, as if a single document
+            positions = np.arange(end - start, dtype=np.int64)
+            doc_ids = np.zeros(end - start, dtype=np.int64)
         return {
             "input_ids": torch.from_numpy(window[:-1].copy()),
             "labels": torch.from_numpy(window[1:].copy()),
@@ -154,4 +160,4 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"PackedDataset({self.prefix}, seq_len={self.seq_len}, documents={self.documents}, "
-                f"samples={self._len})")
+                f"samples={self._len}, document_mask={self.document_mask})")

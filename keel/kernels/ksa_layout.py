@@ -7,6 +7,8 @@ Expanded layout: after every N text tokens, S summary tokens are inserted:
     [t_0 .. t_{N-1}, s_0 .. s_{S-1}] [t_N .. t_{2N-1}, s ..] ...
 Block length B = N + S; chunk id c(i) = i // B; position i is a summary iff i % B >= N.
 A trailing partial chunk (fewer than N text tokens) gets no summaries.
+RoPE: text keeps its own position; summary s of chunk i takes the position of text token
+i*N + (s+1)*N//S - 1 (at least i*N): the reference's "last_chunk_slice_right" (`summary_offset`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ def ksa_visible(q_idx, k_idx, chunk_size: int, summary_tokens: int, window_chunk
     return (k_idx <= q_idx) & (summary_query | text_query)
 
 
+def summary_offset(summary_index, chunk_size: int, summary_tokens: int):
+    """Offset inside its chunk of the text token whose RoPE position summary `summary_index` (0..S-1)
+    takes: (s+1)*N//S - 1, at least 0 (the reference's `last_chunk_slice_right`,
+    muse/layers/summary_utils.py). S = 1 gives N - 1, the chunk's last text token; for S > 1 the S
+    summaries are spread evenly over the chunk. Works on ints and integer tensors."""
+    offset = ((summary_index + 1) * chunk_size) // summary_tokens - 1
+    return offset.clamp(min=0) if isinstance(offset, torch.Tensor) else max(offset, 0)
+
+
 def expanded_length(text_len: int, chunk_size: int, summary_tokens: int) -> int:
     """Length L of the expanded sequence for `text_len` text tokens (summaries only after full chunks)."""
     return text_len + (text_len // chunk_size) * summary_tokens
@@ -43,8 +54,9 @@ def expanded_layout(text_len: int, chunk_size: int, summary_tokens: int,
     """Map text length -> expanded layout.
 
     Returns (text_index, is_summary), both of length L = expanded_length(...):
-      text_index[i] = index of the text token at expanded position i, or for a summary the index of the
-                      last text token of its chunk (the RoPE position it takes: docs/ksa.md#layout-and-positions);
+      text_index[i] = index of the text token at expanded position i, or for a summary s of chunk c the
+                      text token c*N + summary_offset(s) whose RoPE position it takes (for S = 1 the
+                      chunk's last text token; docs/ksa.md#layout-and-positions);
       is_summary[i] = True at summary positions.
     The expanded positions of the text tokens are `text_positions_in_expanded(...)`.
     """
@@ -53,7 +65,8 @@ def expanded_layout(text_len: int, chunk_size: int, summary_tokens: int,
     i = torch.arange(L, device=device)
     chunk, offset = i // block, i % block
     is_summary = offset >= chunk_size
-    text_index = chunk * chunk_size + torch.where(is_summary, chunk_size - 1, offset)
+    spread = summary_offset((offset - chunk_size).clamp(min=0), chunk_size, summary_tokens)
+    text_index = chunk * chunk_size + torch.where(is_summary, spread, offset)
     return text_index, is_summary
 
 

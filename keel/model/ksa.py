@@ -3,18 +3,19 @@
 A text token attends to its own chunk and the W previous chunks in full, and to older chunks only
 through their S summary tokens, so the KV cache grows as O(n/N) beyond the window. The layout and mask
 rule live in keel/kernels/ksa_layout.py (shared with the Triton kernel); this file is the model and
-its config. The method, its equations and keel's choices: docs/ksa.md.
+its training task (the config: keel/model/ksa_config.py). The method, its equations and keel's
+choices: docs/ksa.md.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from keel.errors import CheckpointError, ConfigError
+from keel.errors import CheckpointError
 from keel.kernels.ksa_layout import (  # noqa: F401 (re-exported)
     expanded_layout,
     expanded_length,
@@ -23,79 +24,19 @@ from keel.kernels.ksa_layout import (  # noqa: F401 (re-exported)
     text_positions_in_expanded,
 )
 from keel.model.attention import AttentionMask
-from keel.model.backbone import Attention, Transformer, TransformerBlock, TransformerConfig, apply_rope
+from keel.model.backbone import Attention, Transformer, TransformerBlock, apply_rope
 from keel.model.ksa_attention import KSA_ATTENTION_IMPLS, KSAMask
 from keel.model.ksa_cache import KSACache
+from keel.model.ksa_config import (  # noqa: F401 (re-exported)
+    LAYER_KINDS,
+    PRIVATE_CHOICES,
+    KSAConfig,
+    summary_mix_coefficient,
+)
 from keel.model.ksa_distill import distillation_loss
 from keel.model.ksa_hf import KSA_HF_ADAPTER
 from keel.model.registry import ModelSpec, register_model
 from keel.model.task import LanguageModelTask, decode_text
-
-# Shared modules that may get a private summary copy (`summary_private`). The paper's released
-# configuration shares all of them (q/k/v always have summary copies).
-PRIVATE_CHOICES = ("attention_norm", "q_norm", "k_norm", "wo", "ffn_norm", "feed_forward")
-LAYER_KINDS = ("ksa", "full")
-
-
-@dataclass
-class KSAConfig(TransformerConfig):
-    name: str = "ksa"
-    chunk_size: int = 8  # N text tokens per chunk
-    summary_tokens: int = 1  # S summary tokens after each chunk
-    window_chunks: int = 128  # W previous chunks whose text a text token sees in full
-    # Layer kinds, tiled over the layers: "ksa", or "full" = hybrid form 1 (docs/ksa.md#hybrid-layers:
-    # text-only causal attention; summaries bypass the layer unchanged). Default 3:1 as the paper's
-    # Hybrid-KSA.
-    layer_pattern: list[str] = field(default_factory=lambda: ["ksa", "ksa", "ksa", "full"])
-    # Per-KSA-layer windows, tiled over the layers (hybrid form 2, docs/ksa.md#hybrid-layers; e.g.
-    # [128, 128, 128, 1024] with layer_pattern [ksa]); empty = window_chunks everywhere. A large-window
-    # layer keeps its window and old summaries at decode too (the reference's HF cache turns it into
-    # full attention instead).
-    layer_windows: list[int] = field(default_factory=list)
-    skip_old_summary: bool = False  # True: sliding-chunk attention without summaries (Hybrid-SCA baseline)
-    ksa_attention: str = "dense"  # dense | flex | triton (KSA_ATTENTION_IMPLS)
-    summary_private: list[str] = field(default_factory=list)  # subset of PRIVATE_CHOICES
-    # distill: only summary parameters train, on CE + KL + attention-output MSE against the same model
-    # run without summaries (CPT stage 1); anneal (CPT stages 2-3) and full (from scratch): every
-    # parameter trains on plain CE.
-    ksa_stage: Literal["distill", "anneal", "full"] = "full"
-    distill_ce_weight: float = 1.0  # distill stage: weight of the cross-entropy term
-    distill_kl_weight: float = 5.0  # distill stage: weight of KL(teacher || student) over the vocabulary
-    distill_mse_weight: float = 5.0  # distill stage: weight of the attention-output MSE
-    distill_mse_clamp: float = 0.1  # distill stage: the MSE term is clamped to at most this
-    # The official code can RMS-normalise attention outputs before the MSE (its default: off). keel
-    # normalises by default, which makes the 0.1 clamp mean the same thing at every model width
-    # (docs/ksa.md#choices-where-the-paper-is-silent).
-    distill_mse_rms_norm: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("chunk_size", "summary_tokens"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key}: must be > 0, got {getattr(self, key)}")
-        if self.window_chunks < 0 or any(w < 0 for w in self.layer_windows):
-            raise ConfigError(f"model.window_chunks/layer_windows: must be >= 0, got "
-                              f"{self.window_chunks} / {self.layer_windows}")
-        if not self.layer_pattern or any(k not in LAYER_KINDS for k in self.layer_pattern):
-            raise ConfigError(f"model.layer_pattern: expected a non-empty list of {LAYER_KINDS}, "
-                              f"got {self.layer_pattern}")
-        if self.ksa_attention not in KSA_ATTENTION_IMPLS:
-            raise ConfigError(f"model.ksa_attention: unknown {self.ksa_attention!r}; "
-                              f"expected one of {sorted(KSA_ATTENTION_IMPLS)}")
-        bad = [m for m in self.summary_private if m not in PRIVATE_CHOICES]
-        if bad:
-            raise ConfigError(f"model.summary_private: unknown {bad}; expected a subset of {PRIVATE_CHOICES}")
-        if any(m in self.summary_private for m in ("q_norm", "k_norm")) and not self.qk_norm:
-            raise ConfigError("model.summary_private: q_norm/k_norm need model.qk_norm: true")
-        for key in ("distill_ce_weight", "distill_kl_weight", "distill_mse_weight", "distill_mse_clamp"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"model.{key}: must be >= 0, got {getattr(self, key)}")
-
-    def layer_kind(self, i: int) -> str:
-        return self.layer_pattern[i % len(self.layer_pattern)]
-
-    def layer_window(self, i: int) -> int:
-        return self.layer_windows[i % len(self.layer_windows)] if self.layer_windows else self.window_chunks
 
 
 def is_summary_param(name: str) -> bool:
@@ -111,6 +52,7 @@ class Layout:
     order: Optional[torch.Tensor]  # cat(text, summary) -> physical order; None when already physical
     ksa_mask: Optional[KSAMask] = None  # training / no-cache forward
     text_mask: Optional[AttentionMask] = None  # full layers, training / no-cache forward
+    summary_mix: Optional[torch.Tensor] = None  # summary_mix_qkv: the summary projections' weight (0-dim)
 
 
 def split_apply(x, layout: Layout, text_fn, summary_fn):
@@ -141,14 +83,34 @@ class KSAAttention(Attention):
         self.k_norm_summary = _private_copy(cfg, "k_norm", self.k_norm)
         self.ksa_core = KSA_ATTENTION_IMPLS[cfg.ksa_attention]
 
+    def _project(self, x, layout: Layout, name: str):
+        """q, k or v [B, E, heads, head_dim]: the base module (+ its qk-norm) at text positions, the summary
+        one at summary positions; under summary_mix_qkv the latter is mix * summary + (1 - mix) * base,
+        after the norm (the official code)."""
+        proj, proj_summary = getattr(self, "w" + name), getattr(self, f"w{name}_summary")
+        norm = getattr(self, f"{name}_norm", None)
+        norm_summary = getattr(self, f"{name}_norm_summary", None)
+        norm_summary = norm if norm_summary is None else norm_summary
+
+        def run(p, n, t):
+            t = p(t).view(*t.shape[:2], -1, self.head_dim)
+            return t if n is None else n(t)
+
+        def base(t):
+            return run(proj, norm, t)
+
+        def summary(t):
+            out = run(proj_summary, norm_summary, t)
+            if layout.summary_mix is None:
+                return out
+            mix = layout.summary_mix.to(out.dtype)
+            return mix * out + (1 - mix) * base(t)
+
+        return split_apply(x, layout, base, summary)
+
     def forward(self, x, cos, sin, layout: Layout, cache=None):
         batch, seq, _ = x.shape
-        q = split_apply(x, layout, self.wq, self.wq_summary).view(batch, seq, -1, self.head_dim)
-        k = split_apply(x, layout, self.wk, self.wk_summary).view(batch, seq, -1, self.head_dim)
-        v = split_apply(x, layout, self.wv, self.wv_summary).view(batch, seq, -1, self.head_dim)
-        if self.q_norm is not None:
-            q = split_apply(q, layout, self.q_norm, self.q_norm_summary)
-            k = split_apply(k, layout, self.k_norm, self.k_norm_summary)
+        q, k, v = (self._project(x, layout, name) for name in ("q", "k", "v"))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is None:
@@ -193,7 +155,8 @@ class FullBlock(TransformerBlock):
 
     def forward(self, x, cos, sin, layout: Layout, cache=None, collect=None):
         cols = layout.text_cols
-        text = dense_block_forward(self, x[:, cols], cos[:, cols], sin[:, cols], layout.text_mask, cache, collect)
+        # No distillation output: only KSA layers enter the MSE (the official code).
+        text = dense_block_forward(self, x[:, cols], cos[:, cols], sin[:, cols], layout.text_mask, cache)
         return x.index_copy(1, cols, text)
 
 
@@ -211,32 +174,59 @@ class KSATransformer(Transformer):
             str(i): KSABlock(cfg, cfg.layer_window(i)) if cfg.layer_kind(i) == "ksa" else FullBlock(cfg)
             for i in range(cfg.n_layers)})
         self.summary_embedding = nn.Embedding(cfg.summary_tokens, cfg.dim)
+        # summary_mix_qkv's current coefficient (set per step by KSALanguageModelTask: set_train_step).
+        self.register_buffer("summary_mix", torch.ones(()), persistent=False)
         if cfg.ksa_stage == "distill":  # keel/train/optim.py skips parameters that do not require grad
             for name, param in self.named_parameters():
                 param.requires_grad_(is_summary_param(name))
 
     # ------------------------------------------------------------ init
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        super().init_buffers()
+        self.summary_mix.fill_(1.0)
+
+    @torch.no_grad()
     def init_weights(self) -> None:
-        super().init_weights()  # base modules; summary copies are then taken from them
+        super().init_weights()  # base modules; `copy` summary init then takes copies of them
         self.init_summary_weights()
 
     @torch.no_grad()
     def init_summary_weights(self, names: Optional[set] = None) -> None:
-        """Summary parameters from the base ones (all, or just `names`), as when converting a dense model:
-        each summary q/k/v (and private norm/wo/MLP copy) starts equal to its base module, so a summary
-        token is first processed like a text token. The summary embedding rows start at the mean token
-        embedding plus Gaussian noise of the embedding's entry std: a typical token's scale, and distinct
-        rows (identical rows would share positions, inputs and gradients forever)."""
+        """Summary parameters (all, or just `names`) by `model.summary_init` (docs/ksa.md#summary-parameters).
+
+        reference (the official code): summary q/k/v weights xavier-uniform, their biases 0, the summary
+        embedding N(0, 0.02), private q/k-norm or attention/FFN norm copies ones; a private wo/MLP copy
+        (keel only) starts as a copy of its base module.
+        copy: every summary module starts equal to its base module, so a summary token is first processed
+        like a text token; summary embedding rows start at the mean token embedding plus Gaussian noise of
+        the table's entry std (distinct rows: identical rows would share inputs and gradients forever)."""
+        reference = self.config.summary_init == "reference"
         for name, param in self.named_parameters():
             if not is_summary_param(name) or (names is not None and name not in names):
                 continue
+            module = name.rsplit(".", 2)[-2]
             if name == "summary_embedding.weight":
-                table = self.tok_embeddings.weight.float()
-                noise = torch.randn(param.shape, device=param.device) * table.std()
-                param.copy_(table.mean(0, keepdim=True) + noise)
+                if reference:
+                    nn.init.normal_(param, mean=0.0, std=0.02)
+                else:
+                    table = self.tok_embeddings.weight.float()
+                    noise = torch.randn(param.shape, device=param.device) * table.std()
+                    param.copy_(table.mean(0, keepdim=True) + noise)
+            elif reference and module in ("wq_summary", "wk_summary", "wv_summary"):
+                if name.endswith(".weight"):
+                    nn.init.xavier_uniform_(param)
+                else:
+                    nn.init.zeros_(param)
+            elif reference and "norm_summary" in name:
+                nn.init.ones_(param)
             else:
                 param.copy_(self.get_parameter(name.replace("_summary", "")))
+
+    @torch.no_grad()
+    def set_train_step(self, step: int) -> None:
+        """The trainer step about to run (1-based): sets summary_mix_qkv's coefficient."""
+        self.summary_mix.fill_(summary_mix_coefficient(self.config, step))
 
     def init_missing_weights(self, missing: set) -> None:
         """Hook for checkpoint.load_model_weights: a dense checkpoint (`model.init_from`) lacks the
@@ -261,11 +251,17 @@ class KSATransformer(Transformer):
                        self.summary_embedding(summary_ids)[None].expand(batch, -1, -1)], 1)[:, order]
         if positions is None:
             positions = torch.arange(text_len, device=device).expand(batch, text_len)
-        doc_exp = None if doc_ids is None else doc_ids[:, text_index]
+        # A summary belongs to its chunk's last text token's document (its RoPE position may sit earlier
+        # in the chunk when S > 1: summary_offset).
+        doc_index = torch.where(is_summary, (text_index // cfg.chunk_size + 1) * cfg.chunk_size - 1, text_index)
+        doc_exp = None if doc_ids is None else doc_ids[:, doc_index]
         layout = Layout(text_cols, summary_cols, order,
                         KSAMask(cfg.chunk_size, cfg.summary_tokens, cfg.skip_old_summary, doc_exp),
-                        AttentionMask(causal=True, doc_ids=doc_ids))
+                        AttentionMask(causal=True, doc_ids=doc_ids), self._summary_mix())
         return h, positions[:, text_index], layout
+
+    def _summary_mix(self) -> Optional[torch.Tensor]:
+        return self.summary_mix if self.config.summary_mix_qkv else None
 
     def _expand_step(self, input_ids, cache) -> tuple:
         """The same for one cached step: [B, T text columns | K*S summary columns]."""
@@ -274,7 +270,7 @@ class KSATransformer(Transformer):
         width = step.g.shape[1]
         h = torch.cat([self.embed(input_ids), self.summary_embedding(step.summary_ids)], 1)
         layout = Layout(torch.arange(text_len, device=device), torch.arange(text_len, width, device=device),
-                        None, text_mask=cache.full_mask(text_len))
+                        None, text_mask=cache.full_mask(text_len), summary_mix=self._summary_mix())
         return h, step.positions, layout
 
     # ------------------------------------------------------------ forward
@@ -303,8 +299,8 @@ class KSATransformer(Transformer):
         cos, sin = self.rope(positions)
         mask = AttentionMask(causal=True, doc_ids=doc_ids)
         h = self.embed(input_ids)
-        for block in self.layers.values():
-            h = dense_block_forward(block, h, cos, sin, mask, collect=collect)
+        for block in self.layers.values():  # collect: KSA layers only, matching the student's
+            h = dense_block_forward(block, h, cos, sin, mask, collect=collect if block.is_ksa else None)
         return self.norm(h)
 
     def forward(self, input_ids, labels=None, positions=None, doc_ids=None, cache=None):
@@ -339,8 +335,30 @@ def ksa_from_dense(dense, cfg: KSAConfig) -> KSATransformer:
     return model
 
 
+class KSALanguageModelTask(LanguageModelTask):
+    """The next-token task, plus: before each loss the model learns which trainer step runs (1-based, from
+    the data sampler's position, so it resumes), for `model.summary_mix_qkv`'s schedule."""
+    data = None
+
+    def build_data(self, *, dp_rank: int, dp_size: int):
+        self.data = super().build_data(dp_rank=dp_rank, dp_size=dp_size)
+        return self.data
+
+    def current_step(self) -> int:
+        sampler = getattr(self.data, "sampler", None)
+        return 0 if sampler is None else sampler.consumed_samples // sampler.global_batch
+
+    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        if self.cfg.model.summary_mix_qkv:
+            core = model
+            while not hasattr(core, "set_train_step"):  # DeepSpeed engine / torch.compile wrappers
+                core = getattr(core, "module", None) or core._orig_mod
+            core.set_train_step(self.current_step())
+        return super().loss_sum(model, batch)
+
+
 # KSA's summary projections need their own TP styles, its expanded sequence its own CP split and
 # PP stages: data parallelism only for now (refused with a clear error otherwise).
-register_model(ModelSpec("ksa", KSAConfig, KSATransformer, LanguageModelTask,
+register_model(ModelSpec("ksa", KSAConfig, KSATransformer, KSALanguageModelTask,
                          "Kwai Summary Attention: summary tokens every N text tokens (docs/ksa.md)",
                          model_parallel=(), decode=decode_text, hf=KSA_HF_ADAPTER))

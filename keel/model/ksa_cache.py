@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from keel.kernels.ksa_layout import ksa_visible
+from keel.kernels.ksa_layout import ksa_visible, summary_offset
 from keel.model.generation import KVCache
 
 
@@ -29,7 +29,7 @@ from keel.model.generation import KVCache
 class DecodeStep:
     """Layout of one cached forward over [B, E] slots (E = T text columns + K*S summary columns)."""
     g: torch.Tensor  # [B, E] index in the row's expanded sequence, -1 for padding / unused slots
-    positions: torch.Tensor  # [B, E] RoPE positions (a summary: its chunk's last text position)
+    positions: torch.Tensor  # [B, E] RoPE positions (summary s of chunk c: c*N + summary_offset(s))
     summary_ids: torch.Tensor  # [B, K*S] which summary embedding row (0..S-1) each summary column uses
     text_index: torch.Tensor  # [B, T] text index per text column, -1 for padding
     n_text: int
@@ -96,10 +96,17 @@ class KSACache:
         self.max_len = max_len  # text tokens (prompt incl. padding + generated)
         self.n_text = torch.zeros(batch, dtype=torch.long, device=param.device)  # real text tokens so far
         self.ksa_layers, full_index = {}, {}
+        windows = [b.attention.window_chunks for b in model.layers.values() if getattr(b, "is_ksa", False)]
+        # decode_large_window_as_full (the official HF cache): a window above the smallest one covers all
+        # past text at decode (and so no summaries); summary queries keep their own-chunk rule.
+        everything = max_len // self.chunk_size + 1
         for i, block in enumerate(model.layers.values()):
             if getattr(block, "is_ksa", False):
-                self.ksa_layers[i] = KSALayerCache(self, batch, cfg.n_kv_heads, cfg.head_dim,
-                                                   block.attention.window_chunks, param.dtype, param.device)
+                window = block.attention.window_chunks
+                if cfg.decode_large_window_as_full and window > min(windows):
+                    window = max(window, everything)
+                self.ksa_layers[i] = KSALayerCache(self, batch, cfg.n_kv_heads, cfg.head_dim, window,
+                                                   param.dtype, param.device)
             else:
                 full_index[i] = len(full_index)
         self.full_index = full_index
@@ -138,7 +145,7 @@ class KSACache:
         chunks = torch.where(chunks == big, 0, chunks).repeat_interleave(s, 1)
         summary_ids = torch.arange(s, device=device).repeat(k)[None].expand_as(chunks)
         summary_g = torch.where(used, chunks * (n + s) + n + summary_ids, -1)
-        positions = torch.cat([j.clamp(min=0), chunks * n + n - 1], 1)
+        positions = torch.cat([j.clamp(min=0), chunks * n + summary_offset(summary_ids, n, s)], 1)
         self.step = DecodeStep(torch.cat([text_g, summary_g], 1), positions, summary_ids, text_index, seq)
         self.n_text = self.n_text + valid.long().sum(1)
         return self.step

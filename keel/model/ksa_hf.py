@@ -73,6 +73,8 @@ def hf_config_dict(cfg, bos_id: Optional[int], eos_id: Optional[int], dtype: tor
         "ksa_layer_kinds": [cfg.layer_kind(i) for i in range(cfg.n_layers)],
         "ksa_layer_windows": [cfg.layer_window(i) for i in range(cfg.n_layers)],
         "summary_private": list(cfg.summary_private), "bos_token_id": bos_id, "eos_token_id": eos_id,
+        # summary_mix_qkv: an export is taken as after the schedule (mix 0: summaries use the base q/k/v).
+        "summary_mix_coeff": 0.0 if cfg.summary_mix_qkv else 1.0,
         # transformers 5 reads `dtype`, older readers (and some vLLM versions) `torch_dtype`.
         "use_cache": False, "dtype": str(dtype).removeprefix("torch."),
         "torch_dtype": str(dtype).removeprefix("torch."),

@@ -4,7 +4,8 @@ Written into an export by keel (`keel export hf` on a KSA checkpoint); self-cont
 torch and transformers. It computes what keel.model.ksa.KSATransformer computes:
 
   * S summary tokens (own embedding table) after every N text tokens; a trailing partial chunk gets
-    none. A summary takes the RoPE position of its chunk's last text token; text keeps its own.
+    none. Summary s of chunk i takes the RoPE position i*N + (s+1)*N//S - 1 (S = 1: the chunk's last
+    text token); text keeps its own.
   * KSA layers attend with the mask of arXiv 2604.24432 (keel.model.ksa.summary_attention_mask):
     a summary query sees its own chunk causally; a text query sees text of its own chunk (causally)
     and of the W previous chunks, and the summaries of chunks older than that. Summary positions use
@@ -37,7 +38,8 @@ class KSAConfig(PretrainedConfig):
                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                  max_position_embeddings=8192, qk_norm=False, attention_bias=False, tie_word_embeddings=True,
                  ksa_rope=None, chunk_size=8, summary_tokens=1, ksa_layer_kinds=None, ksa_layer_windows=None,
-                 skip_old_summary=False, summary_private=None, initializer_range=0.02, **kwargs):
+                 skip_old_summary=False, summary_private=None, initializer_range=0.02, summary_mix_coeff=1.0,
+                 **kwargs):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads, self.head_dim, self.rms_norm_eps = num_key_value_heads, head_dim, rms_norm_eps
@@ -50,6 +52,9 @@ class KSAConfig(PretrainedConfig):
         self.ksa_layer_windows = ksa_layer_windows or [128] * num_hidden_layers  # W per layer
         self.summary_private = list(summary_private or [])
         self.initializer_range = initializer_range
+        # Summary q/k/v = mix * summary projection + (1 - mix) * base projection, after qk-norm (the
+        # official template's `mix_coeff`; keel's summary_mix_qkv schedule).
+        self.summary_mix_coeff = summary_mix_coeff
         kwargs.setdefault("use_cache", False)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -79,7 +84,9 @@ class Layout:
         chunk, offset = i // block, i % block
         is_summary = offset >= chunk_size
         self.length = length
-        self.text_index = chunk * chunk_size + torch.where(is_summary, chunk_size - 1, offset)
+        # Summary s of a chunk takes the RoPE position of the chunk's text token (s+1)*N//S - 1 (>= 0).
+        spread = (((offset - chunk_size).clamp(min=0) + 1) * chunk_size // summary_tokens - 1).clamp(min=0)
+        self.text_index = chunk * chunk_size + torch.where(is_summary, spread, offset)
         j = torch.arange(text_len, device=device)
         self.text_cols = j + (j // chunk_size) * summary_tokens
         self.summary_cols = is_summary.nonzero().squeeze(1)
@@ -151,6 +158,7 @@ class KSAAttention(nn.Module):
         super().__init__()
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.head_dim = hd
+        self.config_mix = config.summary_mix_coeff
         self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
         self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
@@ -170,20 +178,28 @@ class KSAAttention(nn.Module):
     def forward(self, x, cos, sin, layout: Optional[Layout], mask):
         """layout None: plain causal attention with the base parameters (a full layer, on text only)."""
         batch, seq, _ = x.shape
+        mix = float(self.config_mix)
 
-        def project(base, summary):
-            fn = base if layout is None else (lambda t: layout.split_apply(t, base, summary))
-            return fn(x).view(batch, seq, -1, self.head_dim)
+        def project(name):
+            base, summary = getattr(self, f"{name}_proj"), getattr(self, f"{name}_proj_summary", None)
+            norm = getattr(self, f"{name}_norm", None)
+            norm_summary = getattr(self, f"{name}_norm_summary", None)
+            norm_summary = norm if norm_summary is None else norm_summary
 
-        q = project(self.q_proj, getattr(self, "q_proj_summary", None))
-        k = project(self.k_proj, getattr(self, "k_proj_summary", None))
-        v = project(self.v_proj, getattr(self, "v_proj_summary", None))
-        if self.q_norm is not None:
-            if layout is None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            else:
-                q = layout.split_apply(q, self.q_norm, self.q_norm_summary)
-                k = layout.split_apply(k, self.k_norm, self.k_norm_summary)
+            def run(p, n, t):
+                t = p(t).view(*t.shape[:2], -1, self.head_dim)
+                return t if n is None else n(t)
+
+            def base_fn(t):
+                return run(base, norm, t)
+
+            def summary_fn(t):
+                out = run(summary, norm_summary, t)
+                return out if mix == 1.0 else mix * out + (1.0 - mix) * base_fn(t)
+
+            return base_fn(x) if layout is None else layout.split_apply(x, base_fn, summary_fn)
+
+        q, k, v = project("q"), project("k"), project("v")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = q.shape[1] != k.shape[1]
