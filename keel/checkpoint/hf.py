@@ -20,7 +20,14 @@ from keel.checkpoint.files import new_folder, refuse_non_empty
 from keel.checkpoint.model_io import load_model_checkpoint, write_model_checkpoint
 from keel.data.assets import asset_path
 from keel.errors import CheckpointError
-from keel.model.registry import family_for_architecture, get_model_spec, hf_architecture, importable_architectures
+from keel.model.registry import (
+    MODELS,
+    HFAdapter,
+    family_for_architecture,
+    get_model_spec,
+    hf_architecture,
+    importable_architectures,
+)
 
 _WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -58,6 +65,34 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def import_adapter(hf_config, where: str) -> HFAdapter:
+    """The adapter that imports `hf_config`: one that claims it (a layout that reuses another family's
+    architecture name), else the family registered for its architecture."""
+    for spec in MODELS.values():
+        for adapter in (spec.hf, *(a for _, a in spec.hf.formats)) if spec.hf else ():
+            if adapter.claims is not None and adapter.claims(hf_config):
+                return adapter
+    arch = hf_architecture(hf_config)
+    spec = family_for_architecture(arch)
+    if spec is None:
+        raise CheckpointError(f"{where}: architecture {arch} is not supported; keel imports "
+                              f"{', '.join(importable_architectures())}")
+    return spec.hf
+
+
+def read_weight_files(folder: Path) -> dict:
+    """The tensors of an HF folder's weight files as stored, floats as fp32."""
+    from safetensors.torch import load_file  # heavy: only when importing
+    sd = {}
+    try:
+        for f in sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin")):
+            sd.update(load_file(f) if f.suffix == ".safetensors" else
+                      torch.load(f, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{folder}: cannot read its weights: {_first_line(e)}") from None
+    return {k: v.float().contiguous() if v.is_floating_point() else v for k, v in sd.items()}
+
+
 def load_hf(src: Union[str, Path]):
     """(keel config, keel-named fp32 state dict, transformers tokenizer or None) of an HF model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # heavy: only when importing
@@ -70,19 +105,20 @@ def load_hf(src: Union[str, Path]):
         hf_config = AutoConfig.from_pretrained(folder, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{where}: cannot read its config: {_first_line(e)}") from None
-    arch = hf_architecture(hf_config)
-    spec = family_for_architecture(arch)
-    if spec is None:
-        raise CheckpointError(f"{where}: architecture {arch} is not supported; keel imports "
-                              f"{', '.join(importable_architectures())}")
-    cfg = spec.hf.from_config(hf_config, where)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=torch.float32, **extra)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{where}: cannot load its weights: {_first_line(e)}") from None
-    hf_sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    del model
-    sd = spec.hf.from_state_dict(hf_sd, cfg, where)
+    adapter = import_adapter(hf_config, where)
+    cfg = adapter.from_config(hf_config, where)
+    if adapter.raw_weights:
+        if gguf:
+            raise CheckpointError(f"{where}: this layout imports from safetensors or .bin weights, not GGUF")
+        hf_sd = read_weight_files(folder)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=torch.float32, **extra)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{where}: cannot load its weights: {_first_line(e)}") from None
+        hf_sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        del model
+    sd = adapter.from_state_dict(hf_sd, cfg, where)
     tokenizer = None
     if gguf or any((folder / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
@@ -127,15 +163,28 @@ def write_hf_folder(out: Union[str, Path], tensors: dict, config_json: dict, tok
     return out
 
 
-def save_hf(model_cfg, state_dict: dict, out: Union[str, Path], tokenizer_dir: Optional[Path] = None,
-            bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> Path:
-    """Write the HF model folder of any family with an HF adapter at `out` (atomically)."""
+def export_adapter(model_cfg, fmt: Optional[str] = None) -> HFAdapter:
+    """The family's HF adapter, or its alternative layout `fmt` (None or "default": the adapter itself)."""
     spec = get_model_spec(model_cfg.name)
     if spec.hf is None:
         raise CheckpointError(f"model.name: the {spec.name} family has no Hugging Face export")
-    tensors, dtype = tensors_for_file(spec.hf.to_state_dict(state_dict, model_cfg))
-    config_json = spec.hf.to_config(model_cfg, bos_id, eos_id, dtype)
-    return write_hf_folder(out, tensors, config_json, tokenizer_dir, bos_id, eos_id, spec.hf.extra_files)
+    if fmt in (None, "default"):
+        return spec.hf
+    formats = dict(spec.hf.formats)
+    if fmt not in formats:
+        raise CheckpointError(f"--format: the {spec.name} family has no {fmt!r} export; "
+                              f"expected one of {['default', *formats]}")
+    return formats[fmt]
+
+
+def save_hf(model_cfg, state_dict: dict, out: Union[str, Path], tokenizer_dir: Optional[Path] = None,
+            bos_id: Optional[int] = None, eos_id: Optional[int] = None, fmt: Optional[str] = None) -> Path:
+    """Write the HF model folder of any family with an HF adapter at `out` (atomically), in its
+    default layout or the alternative one named `fmt`."""
+    adapter = export_adapter(model_cfg, fmt)
+    tensors, dtype = tensors_for_file(adapter.to_state_dict(state_dict, model_cfg))
+    config_json = adapter.to_config(model_cfg, bos_id, eos_id, dtype)
+    return write_hf_folder(out, tensors, config_json, tokenizer_dir, bos_id, eos_id, adapter.extra_files)
 
 
 # ------------------------------------------------------------------ keel checkpoints
@@ -149,16 +198,17 @@ def import_hf(src: Union[str, Path], out: Union[str, Path]) -> Path:
     return path
 
 
-def export_hf(ckpt: Union[str, Path], out: Union[str, Path]) -> Path:
-    """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM."""
+def export_hf(ckpt: Union[str, Path], out: Union[str, Path], fmt: Optional[str] = None) -> Path:
+    """A keel checkpoint (or run dir) as an HF model folder for transformers / vLLM (layout `fmt`)."""
     from transformers import AutoTokenizer  # heavy: only when exporting
     refuse_non_empty(Path(out).absolute())
     cfg, sd, tokenizer_dir = load_model_checkpoint(ckpt)
+    export_adapter(cfg, fmt)  # an unknown format fails before the tokenizer is read
     bos_id = eos_id = None
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
-    path = save_hf(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id)
+    path = save_hf(cfg, sd, Path(out), tokenizer_dir, bos_id=bos_id, eos_id=eos_id, fmt=fmt)
     arch = json.loads((path / "config.json").read_text()).get("architectures", ["?"])[0]
     print(f"keel export: {Path(ckpt).absolute()} -> {path} ({arch}, {sum(t.numel() for t in sd.values()) / 1e6:.1f}M params)")
     return path

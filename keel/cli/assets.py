@@ -18,7 +18,7 @@ def cmd_export(args) -> None:
     import keel
     from keel.checkpoint.hf import export_hf
     keel.register_all()
-    export_hf(args.checkpoint, args.out)
+    export_hf(args.checkpoint, args.out, args.format)
 
 
 def cmd_fetch(args) -> None:
@@ -48,6 +48,9 @@ def add_parsers(sub, parser_class) -> None:
                             epilog=f"example:\n  {example}", formatter_class=parser_class.formatter)
         hf.add_argument(src, help=src_help)
         hf.add_argument("out", help="a new (or empty) folder; never written over")
+        if verb == "export":
+            hf.add_argument("--format", default=None,
+                            help="another layout the model family's adapter offers, e.g. `official` (default: its default)")
         hf.set_defaults(fn=fn)
 
     f = sub.add_parser("fetch", help="fetch the real corpora and SmolLM2-135M onto this machine",

@@ -55,6 +55,14 @@ class HFAdapter:
     extra_files: tuple = ()  # files copied into an export beside the weights (remote code)
     # (HF model_type, architecture) pairs, for configs without `architectures` (as GGUF files give)
     model_types: tuple = ()
+    # Other layouts of the same family: (name, HFAdapter) pairs that `keel export hf --format NAME` writes.
+    formats: tuple = ()
+    # (transformers config) -> bool: this adapter imports the config although its architecture is another
+    # family's (the official KSA layout is a Qwen3ForCausalLM config with summary fields). Checked first.
+    claims: Optional[Callable] = None
+    # Import reads the weight files as stored: transformers' class for the architecture would drop the
+    # tensors it does not know (the claimed layout's extra ones).
+    raw_weights: bool = False
 
 
 @dataclass
