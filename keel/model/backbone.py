@@ -5,7 +5,9 @@ optional QK-norm, SwiGLU MLP, tied or untied embeddings. Built on the meta devic
 materialised with `to_empty()` + `init_weights()`; parallelism is applied from keel/train.
 
 Extension points for families: `attention` (a core name from model/attention.py), and the
-overridable `embed()` / `hidden_states()` / `head_weight()` methods.
+overridable `embed()` / `hidden_states()` / `head_weight()` methods. `moe` (model/moe.py) swaps the
+dense FFN of chosen layers for a Mixture-of-Experts one; `update_moe_balance()` / `moe_metrics()`
+are the hooks the trainer finds by getattr (no-ops for a dense model).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from keel.errors import ConfigError
 from keel.model.attention import ATTENTION_CORES, AttentionMask, get_attention
 from keel.model.generation import generate
 from keel.model.loss import chunked_cross_entropy
+from keel.model.moe import MoEConfig, MoEFeedForward, load_imbalance, moe_flops_params
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TransformerConfig:
     init_std: float = 0.02  # std of the normal init of the weights (output projections scaled by depth)
     loss_chunk: int = 2048  # tokens per LM-head chunk: the full [tokens x vocab] never exists
     init_from: Optional[str] = None  # keel checkpoint or run dir whose weights start training
+    moe: Optional[MoEConfig] = None  # Mixture-of-Experts feed-forward in chosen layers; None: dense
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -73,18 +77,27 @@ class TransformerConfig:
                               f"expected one of {sorted(ATTENTION_CORES)}")
         if self.rope_scaling.type != "none" and self.rope_scaling.factor <= 0:
             raise ConfigError(f"model.rope_scaling.factor: must be > 0, got {self.rope_scaling.factor}")
+        if self.moe is not None:
+            self.moe.validate(self.n_layers)
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; `active`: only those one token uses (top-k and shared experts of MoE layers)."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
-        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        dense_ffn = 3 * self.dim * self.ffn_dim
+        ffns = self.n_layers * dense_ffn
+        if self.moe is not None:
+            moe_total, moe_active = moe_flops_params(self.dim, self.ffn_dim, self.moe)
+            n_moe = self.moe.moe_layer_count(self.n_layers)
+            ffns += n_moe * ((moe_active if active else moe_total) - dense_ffn)
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * block + self.dim + (emb if embeddings else 0)
+        return self.n_layers * (attn + 2 * self.dim) + ffns + self.dim + (emb if embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 N (matmuls) + 12 L H D S (attention), as in PaLM/TorchTitan."""
-        n = self.num_params(embeddings=False) + self.vocab_size * self.dim
+        """Training FLOPs per token: 6 N (matmuls) + 12 L H D S (attention), as in PaLM/TorchTitan.
+        N counts active parameters: an MoE token pays for its top-k and shared experts only."""
+        n = self.num_params(embeddings=False, active=True) + self.vocab_size * self.dim
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
@@ -169,12 +182,15 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer_index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        if cfg.moe is not None and cfg.moe.is_moe_layer(layer_index):
+            self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.moe)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
@@ -187,7 +203,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0".."n-1" keeps checkpoint keys stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
@@ -205,13 +221,18 @@ class Transformer(nn.Module):
         # Residual-branch outputs are scaled down with depth so the stream's variance stays put.
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
-                        block.feed_forward.w3):
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv):
                 nn.init.normal_(lin.weight, std=cfg.init_std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
             nn.init.normal_(block.attention.wo.weight, std=out_std)
-            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            ffn = block.feed_forward
+            if isinstance(ffn, MoEFeedForward):
+                ffn.init_weights(cfg.init_std, out_std)
+            else:
+                nn.init.normal_(ffn.w1.weight, std=cfg.init_std)
+                nn.init.normal_(ffn.w3.weight, std=cfg.init_std)
+                nn.init.normal_(ffn.w2.weight, std=out_std)
             for norm in (block.attention_norm, block.ffn_norm, block.attention.q_norm, block.attention.k_norm):
                 if norm is not None:
                     norm.reset_parameters()
@@ -263,7 +284,35 @@ class Transformer(nn.Module):
         weight = self.head_weight()
         if labels is None:
             return F.linear(h, weight)
-        return chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.config.loss_chunk)
+        loss = chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.config.loss_chunk)
+        aux = []
+        for moe in self.moe_layers().values():
+            if moe.aux_loss is not None:
+                aux.append(moe.aux_loss)
+                moe.aux_loss = None  # taken once; holding it would keep this forward's graph alive
+        if aux:  # per-token MoE losses join the summed loss weighted by this batch's loss tokens
+            loss = loss + sum(aux) * (labels != -100).sum()
+        return loss
+
+    # ------------------------------------------------------------ MoE hooks (found by the trainer)
+    def moe_layers(self) -> dict[str, MoEFeedForward]:
+        return {name.split(".")[1]: m for name, m in self.named_modules() if isinstance(m, MoEFeedForward)}
+
+    def update_moe_balance(self, reduce=None) -> None:
+        """After an optimizer step: aux-loss-free bias update from the tokens each expert took.
+        `reduce` sums a tensor over the data-parallel ranks (the caller's; model code has no ranks)."""
+        self._moe_stats = {}
+        for layer, moe in self.moe_layers().items():
+            load = moe.take_load()
+            if reduce is not None:
+                load = reduce(load)
+            moe.update_balance(load)
+            self._moe_stats[f"moe_load_max_mean/{layer}"] = load_imbalance(load)
+            self._moe_stats[f"moe_bias_norm/{layer}"] = float(moe.expert_bias.norm())
+
+    def moe_metrics(self) -> dict:
+        """Per MoE layer: max/mean tokens per expert in the last step, and the balancing bias norm."""
+        return dict(getattr(self, "_moe_stats", {}))
 
     def generate(self, prompts, **sampling):
         return generate(self, prompts, **sampling)

@@ -58,10 +58,15 @@ def _architecture(hf_config) -> str:
 
 def hf_to_keel_config(hf_config, src: str = "HF config") -> TransformerConfig:
     """A transformers config of a supported architecture as a keel TransformerConfig."""
-    c = hf_config
-    arch = _architecture(c)
+    arch = _architecture(hf_config)
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{src}: architecture {arch} is not supported; keel imports {', '.join(ARCHITECTURES)}")
+    return config_from_hf(hf_config, arch, _FAMILY[arch], src, qk_norm=arch == "Qwen3ForCausalLM",
+                          qkv_bias=arch == "Qwen2ForCausalLM")
+
+
+def config_from_hf(c, arch: str, family: str, src: str, qk_norm: bool, qkv_bias: bool, **extra) -> TransformerConfig:
+    """The fields every Llama-shaped HF config shares, checked; `extra` adds family fields (moe)."""
     for attr, ok in (("hidden_act", ("silu", "swish")), ("attention_bias", (False, None)),
                      ("mlp_bias", (False, None))):
         if getattr(c, attr, None) not in ok:
@@ -84,13 +89,13 @@ def hf_to_keel_config(hf_config, src: str = "HF config") -> TransformerConfig:
     else:
         raise CheckpointError(f"{src}: rope type {rope_type!r} is not supported; keel supports default, linear and llama3")
     cfg = TransformerConfig(
-        name=_FAMILY[arch], vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+        name=family, vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
         n_heads=c.num_attention_heads, n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         ffn_dim=c.intermediate_size, norm_eps=float(c.rms_norm_eps),
         rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0)), rope_scaling=scaling,
-        qk_norm=arch == "Qwen3ForCausalLM", qkv_bias=arch == "Qwen2ForCausalLM",
-        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), max_seq_len=c.max_position_embeddings)
+        qk_norm=qk_norm, qkv_bias=qkv_bias,
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), max_seq_len=c.max_position_embeddings, **extra)
     try:
         cfg.validate()
     except ConfigError as e:
@@ -106,6 +111,11 @@ def keel_to_hf_config(cfg: TransformerConfig, bos_id: Optional[int] = None, eos_
         raise CheckpointError("model: qk_norm together with qkv_bias has no Hugging Face architecture keel exports to")
     cls, arch = ((Qwen3Config, "Qwen3ForCausalLM") if cfg.qk_norm else
                  (Qwen2Config, "Qwen2ForCausalLM") if cfg.qkv_bias else (LlamaConfig, "LlamaForCausalLM"))
+    return config_to_hf(cfg, cls, arch, bos_id, eos_id)
+
+
+def config_to_hf(cfg: TransformerConfig, cls, arch: str, bos_id, eos_id, **extra):
+    """An HF config of class `cls` from the fields every Llama-shaped config shares, plus `extra`."""
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
     s = cfg.rope_scaling
     if s.type == "linear":
@@ -119,18 +129,22 @@ def keel_to_hf_config(cfg: TransformerConfig, bos_id: Optional[int] = None, eos_
                    num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
                    max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                    tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, attention_bias=False,
-                   bos_token_id=bos_id, eos_token_id=eos_id, architectures=[arch])
+                   bos_token_id=bos_id, eos_token_id=eos_id, architectures=[arch], **extra)
     except (ValueError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"model: cannot be expressed as a {cls.__name__}: {msg}") from None
 
 
 # ------------------------------------------------------------------ state dicts
-def _rename(sd: dict, to_keel: bool) -> tuple[dict, dict, list]:
+def name_rules(name_map) -> list:
+    return [(_pattern(k), _pattern(h), k, h) for k, h in name_map]
+
+
+def _rename(sd: dict, to_keel: bool, rules=None) -> tuple[dict, dict, list]:
     """Renamed dict, {new name: old name}, and the old names no rule matches."""
     out, origin, unknown = {}, {}, []
     for name, tensor in sd.items():
-        for keel_re, hf_re, keel_t, hf_t in _RULES:
+        for keel_re, hf_re, keel_t, hf_t in rules or _RULES:
             m = (hf_re if to_keel else keel_re).fullmatch(name)
             if m:
                 new = (keel_t if to_keel else hf_t).format(**m.groupdict())
@@ -141,17 +155,21 @@ def _rename(sd: dict, to_keel: bool) -> tuple[dict, dict, list]:
     return out, origin, unknown
 
 
+rename_tensors = _rename  # for other adapters built on these rules (model/hf_moe.py)
+
+
 def _expected_shapes(cfg: TransformerConfig) -> dict:
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
 
 
-def _check(sd: dict, cfg: TransformerConfig, src: str, origin: dict, unknown: list, hf_names: bool) -> None:
+def check_tensors(sd: dict, cfg: TransformerConfig, src: str, origin: dict, unknown: list, hf_names: bool,
+                  rules=None) -> None:
     """Missing / unexpected / wrong-shape tensors as one error, named as the source names them."""
     want = _expected_shapes(cfg)
 
     def name(k: str) -> str:
-        return origin.get(k) or (next(iter(_rename({k: None}, to_keel=False)[0]), k) if hf_names else k)
+        return origin.get(k) or (next(iter(_rename({k: None}, to_keel=False, rules=rules)[0]), k) if hf_names else k)
 
     def show(names: list) -> str:
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -173,13 +191,13 @@ def hf_to_keel_state_dict(hf_sd: dict, cfg: TransformerConfig, src: str = "HF st
     if cfg.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)
     sd, origin, unknown = _rename(hf_sd, to_keel=True)
-    _check(sd, cfg, src, origin, unknown, hf_names=True)
+    check_tensors(sd, cfg, src, origin, unknown, hf_names=True)
     return sd
 
 
 def keel_to_hf_state_dict(sd: dict, cfg: TransformerConfig, src: str = "keel state dict") -> dict:
     """keel-named tensors -> HF-named tensors (no `lm_head.weight` when tied: HF ties it itself)."""
-    _check(sd, cfg, src, {}, [], hf_names=False)
+    check_tensors(sd, cfg, src, {}, [], hf_names=False)
     return _rename(sd, to_keel=False)[0]
 
 

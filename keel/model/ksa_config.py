@@ -54,8 +54,8 @@ class KSAConfig(TransformerConfig):
     # trainer step <= summary_mix_start_step to 0 at step >= max(start + 1, summary_mix_end_step).
     # Steps are the trainer's (1-based, counted within this run). Default off (the official default).
     summary_mix_qkv: bool = False
-    summary_mix_start_step: int = 0
-    summary_mix_end_step: int = 0
+    summary_mix_start_step: int = 0  # summary_mix_qkv: the last step with mix 1 (summary projections alone)
+    summary_mix_end_step: int = 0  # summary_mix_qkv: the first step with mix 0 (base projections alone)
     # Decode only: a KSA layer whose window exceeds the smallest KSA window (hybrid form 2's 1024-chunk
     # layers) attends to all past text at decode, as the official HF cache does (Qwen3RingBufferCache
     # `is_large_window`). Default false: decode keeps the window + old summaries, exactly as training.

@@ -88,6 +88,9 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2 shards; -1: every rank the other dims leave
     cp: int = 1  # context parallelism: each sequence split over cp ranks
     tp: int = 1  # Megatron-style tensor parallelism (DTensor), inside each data-parallel rank
+    # MoE expert parallelism: experts sharded over groups of ep data-parallel ranks (not a mesh factor
+    # of the world size: ep must divide the data-parallel ranks and model.moe.n_experts)
+    ep: int = 1
     sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
     activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute activations in backward
     compile: bool = False  # torch.compile each block
@@ -99,7 +102,7 @@ class ParallelConfig:
     ds_config: Optional[Any] = None  # deepspeed: a JSON file path or a mapping, merged over the generated config
 
     def validate(self) -> None:
-        _at_least("parallel", self, 1, "pp", "dp_replicate", "cp", "tp")
+        _at_least("parallel", self, 1, "pp", "dp_replicate", "cp", "tp", "ep")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: expected 1, 2 or 3, got {self.zero_stage}")
         if self.dp_shard == 0 or self.dp_shard < -1:
@@ -156,3 +159,30 @@ def check_layout(cfg: Config) -> None:
         heads = getattr(cfg.model, key, None)
         if heads is not None and heads % cfg.parallel.tp:
             raise ConfigError(f"parallel.tp: {cfg.parallel.tp} does not divide model.{key} {heads}")
+
+
+@register_check
+def check_moe_layout(cfg: Config) -> None:
+    """Expert parallelism needs experts to shard, and composes with data parallelism only (for now)."""
+    par, moe = cfg.parallel, getattr(cfg.model, "moe", None)
+    if par.ep > 1 and moe is None:
+        raise ConfigError(f"parallel.ep: {par.ep} needs a Mixture-of-Experts model (set model.moe)")
+    if moe is None:
+        return
+    for dim in ("tp", "pp"):
+        if getattr(par, dim) > 1:
+            raise ConfigError(f"parallel.{dim}: model.moe with parallel.{dim} > 1 is not supported yet; "
+                              f"use parallel.ep and data parallelism")
+    if par.engine == "deepspeed" and moe.bias_update_rate > 0:
+        raise ConfigError("model.moe.bias_update_rate: aux-loss-free balancing is not wired into the "
+                          "deepspeed engine yet; set it to 0 or use parallel.engine torch")
+    if par.ep == 1:
+        return
+    if moe.n_experts % par.ep:
+        raise ConfigError(f"parallel.ep: {par.ep} does not divide model.moe.n_experts {moe.n_experts}")
+    for key, bad in (("cp", par.cp > 1), ("dp_replicate", par.dp_replicate > 1), ("engine", par.engine != "torch")):
+        if bad:
+            raise ConfigError(f"parallel.ep: expert parallelism with parallel.{key} = {getattr(par, key)} "
+                              f"is not supported yet; it composes with parallel.dp_shard (FSDP2)")
+    if par.dp_shard != -1 and par.dp_shard % par.ep:
+        raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard}")

@@ -1,7 +1,9 @@
 """The device mesh and the parallelisms applied to a single-device model, in a fixed order:
-TP/SP -> CP -> activation checkpointing -> per-block torch.compile -> FSDP2 / DDP.
+TP/SP -> CP -> EP (MoE experts, keel/train/expert_parallel.py) -> activation checkpointing ->
+per-block torch.compile -> FSDP2 / DDP.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
+ep folds into the data-parallel ranks and has its own (ep_replicate, ep) mesh over the same ranks.
 Data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both). Tensor parallelism
 follows the model family's TensorParallelPlan. Model files never import any of this.
 """
@@ -29,6 +31,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from keel.errors import ConfigError
 from keel.train.config import ParallelConfig
 from keel.train.context_parallel import apply_context_parallel
+from keel.train.expert_parallel import apply_expert_parallel
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -168,17 +171,19 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
         apply_tensor_parallel(model, mesh["tp"], tp_plan, cfg.sequence_parallel)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"], model.config.attention)
+    experts = apply_expert_parallel(model, cfg.ep, mesh.device_type) if cfg.ep > 1 else set()
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
-    return apply_data_parallel(model, mesh, dims, param_dtype)
+    return apply_data_parallel(model, mesh, dims, param_dtype, ignored=experts)
 
 
 def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims,
-                        param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                        param_dtype: torch.dtype | None = None, ignored: set | None = None) -> torch.nn.Module:
     """FSDP2 per block then root (HSDP when dp_replicate > 1 too), or DDP when only replicating.
 
-    The model must already hold its initial weights (identical on every rank).
+    The model must already hold its initial weights (identical on every rank). `ignored`: parameters
+    another parallelism owns and reduces (expert-parallel experts).
     """
     if mesh is None:
         return model
@@ -193,8 +198,8 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
         dp_mesh = mesh["dp_replicate", shard_dim] if dims.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored or None)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored or None)
     elif dims.dp_replicate > 1:
 
         replicate(model, device_mesh=mesh["dp_replicate"])

@@ -119,6 +119,9 @@ class Trainer:
                 raise ConfigError(f"checkpoint.resume: {self.run_dir.absolute()} has no checkpoint at step {mode} "
                                   f"(committed: {', '.join(steps) or 'none'})")
             return resolve_checkpoint(step_dir, "checkpoint.resume")
+        if "/" not in str(mode) and not Path(mode).exists():  # a word, not a path: e.g. "latest"
+            raise ConfigError(f"checkpoint.resume: {mode!r} is neither auto, never, a step number nor an existing "
+                              f"checkpoint or run directory (the newest checkpoint is `auto`)")
         return resolve_checkpoint(mode, "checkpoint.resume")
 
     def _resume(self) -> int:
@@ -182,7 +185,16 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
-                "data_fingerprint": fingerprint, "finite": finite}
+                "data_fingerprint": fingerprint, "finite": finite, "moe": self._moe_balance_step()}
+
+    def _moe_balance_step(self) -> dict:
+        """A model with MoE layers updates its balancing biases from this step's expert loads
+        (summed over data ranks), outside the gradient; its per-layer load metrics join the row."""
+        update = getattr(self.model, "update_moe_balance", None)
+        if update is None:
+            return {}
+        update(self._dp_sum)
+        return self.model.moe_metrics()
 
     def _forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
         """Gradients of scale * (summed token loss) over the micro-batches; returns the loss sum."""
@@ -281,7 +293,7 @@ class Trainer:
             tps = out["tokens"] / dt
             row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens_per_s": tps,
                    "step_time_s": dt, "peak_mem_gib": peak_memory_gib(self.dist.device),
-                   "data_fingerprint": out["data_fingerprint"]}
+                   "data_fingerprint": out["data_fingerprint"], **out.get("moe", {})}
             if self.peak_flops:
                 row["mfu"] = self.flops_per_token * tps / (self.peak_flops * self.dist.world_size)
             if not out["finite"] and guard.on_nonfinite(row):  # skip: go on | rollback: replay | stop: raise
