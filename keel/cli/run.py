@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
     print(f"  metrics:       {run_dir}/metrics.jsonl   (keel plot {run_dir} --metric loss)")
     print(f"  checkpoint:    {os.path.abspath(summary['checkpoint'])}")
     if summary.get("wandb_dir"):
-        print(f"  wandb run:     {summary['wandb_dir']}")
+        print(f"  wandb run:     {os.path.abspath(summary['wandb_dir'])}")
     print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
 
 
