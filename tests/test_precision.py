@@ -16,10 +16,12 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
-    layouts = {"fp32": (1, {}), "tensorwise": (1, {"precision.fp8": "torchao"}),
-               "rowwise": (1, {"precision.fp8": "torchao", "precision.fp8_recipe": "rowwise"}),
-               "tensorwise_fsdp2": (2, {"precision.fp8": "torchao", "parallel.dp_shard": 2}),
-               "tensorwise_tp2": (2, {"precision.fp8": "torchao", "parallel.tp": 2})}
+    # The tiny model's linears are below the default size filter: convert them all here.
+    tw = {"precision.fp8": "torchao", "precision.fp8_recipe": "tensorwise", "precision.fp8_min_features": 16}
+    layouts = {"fp32": (1, {}), "tensorwise": (1, tw),
+               "rowwise": (1, {**tw, "precision.fp8_recipe": "rowwise"}),
+               "tensorwise_fsdp2": (2, {**tw, "parallel.dp_shard": 2}),  # FP8 all-gather, precomputed scales
+               "tensorwise_tp2": (2, {**tw, "parallel.tp": 2})}
     for name, (nproc, extra) in layouts.items():
         run_keel(["train", str(TINY_RECIPE), *small_run_overrides(root / name, **extra)], nproc=nproc)
     return root
@@ -46,9 +48,36 @@ def test_fp8_modules_are_float8_linears_in_blocks_only():
     from keel.train.precision import apply_fp8
 
     model = build_model(TransformerConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4), "cpu")
-    apply_fp8(model, PrecisionConfig(fp8="torchao"), fsdp=False)
+    apply_fp8(model, PrecisionConfig(fp8="torchao", fp8_min_features=16), fsdp=False)
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
     assert set(kinds.values()) == {"Float8Linear"} and len(kinds) == 2 * 7
+
+
+def test_fp8_leaves_small_linears_in_high_precision():
+    """The size filter (precision.fp8_min_features): a linear is converted only when both of its
+    dims reach the minimum."""
+    from keel.model.backbone import TransformerConfig
+    from keel.model.registry import build_model
+    from keel.train.config import PrecisionConfig
+    from keel.train.precision import apply_fp8
+
+    model = build_model(TransformerConfig(vocab_size=128, dim=128, n_layers=1, n_heads=4, n_kv_heads=1,
+                                          ffn_dim=256), "cpu")
+    apply_fp8(model, PrecisionConfig(fp8="torchao", fp8_min_features=128), fsdp=False)
+    converted = sorted(name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear")
+    # wq, wo: 128 x 128; w1, w2, w3: 128 x 256; wk, wv: 128 x 32 stay in high precision
+    assert converted == sorted(f"layers.0.{n}" for n in ("attention.wq", "attention.wo", "feed_forward.w1",
+                                                          "feed_forward.w2", "feed_forward.w3"))
+
+
+def test_te_with_tp_or_activation_checkpointing_is_refused():
+    import keel
+    from keel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision.fp8: te with parallel.tp = 2"):
+        keel.load_recipe(TINY_RECIPE, ["precision.fp8=te", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="precision.fp8: te with parallel.activation_checkpoint = selective"):
+        keel.load_recipe(TINY_RECIPE, ["precision.fp8=te", "parallel.activation_checkpoint=selective"])
 
 
 def test_te_without_transformer_engine_is_a_clear_error(tmp_path):

@@ -6,11 +6,23 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from keel.checkpoint.dcp import load_model_weights
-from keel.checkpoint.files import COMPLETE, new_folder, resolve_checkpoint, tokenizer_dir_of
+from keel.checkpoint.files import (
+    COMPLETE,
+    barrier,
+    follow_umask,
+    make_temp_dir_beside,
+    new_folder,
+    rank,
+    refuse_non_empty,
+    resolve_checkpoint,
+    tokenizer_dir_of,
+)
 from keel.errors import CheckpointError
 from keel.model.registry import build_model, model_config_from_dict
 
@@ -34,6 +46,39 @@ def write_model_checkpoint(out_dir, model_cfg, state_dict: dict, tokenizer=None)
         (step / "trainer.json").write_text(json.dumps({"step": 0, "imported": True}))
         (step / "config.yaml").write_text(config_yaml)
         (step / COMPLETE).write_text("step 0\n")
+    return out_dir
+
+
+def write_sharded_model_checkpoint(out_dir, model_cfg, model, trainer_state: dict) -> Path:
+    """Like write_model_checkpoint, for a model sharded over the live process group (a seed
+    checkpoint written by `keel init` under torchrun): every rank writes its own shards with DCP into
+    a temporary folder beside `out_dir`, which rank 0 renames into place once all are whole."""
+    out_dir = Path(out_dir).absolute()
+    tmp = [None]
+    if rank() == 0:
+        refuse_non_empty(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = [make_temp_dir_beside(out_dir)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp, src=0)
+    step = Path(tmp[0]) / "checkpoints" / "step_0"
+    if rank() == 0:
+        step.mkdir(parents=True)
+    barrier()
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(step), no_dist=not dist.is_initialized())
+    barrier()
+    if rank() == 0:
+        saved_cfg = dataclasses.replace(model_cfg, init_from=None)
+        config_yaml = yaml.safe_dump({"model": dataclasses.asdict(saved_cfg)}, sort_keys=False)
+        for folder in (Path(tmp[0]), step):
+            (folder / "config.yaml").write_text(config_yaml)
+        (step / "trainer.json").write_text(json.dumps({"step": 0, **trainer_state}))
+        (step / COMPLETE).write_text("step 0\n")
+        follow_umask(Path(tmp[0]))
+        if out_dir.exists():
+            out_dir.rmdir()
+        Path(tmp[0]).rename(out_dir)
+    barrier()
     return out_dir
 
 

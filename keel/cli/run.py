@@ -1,4 +1,5 @@
-"""`keel train`, `keel rl` and `keel generate`: run a recipe, sample from a checkpoint."""
+"""`keel train`, `keel init`, `keel rl` and `keel generate`: run a recipe, write its initial weights,
+sample from a checkpoint."""
 from __future__ import annotations
 
 import os
@@ -81,6 +82,21 @@ def cmd_rl(args) -> None:
     print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
 
 
+def cmd_init(args) -> None:
+    cfg = keel.load_recipe(args.recipe, args.overrides)
+    if getattr(cfg.model, "init_from", None):
+        raise ConfigError(f"model.init_from: {args.recipe} already starts from {cfg.model.init_from}; "
+                          f"a seed checkpoint holds fresh weights (model.init_from=null)")
+    from keel.train.init import write_seed_checkpoint
+    from keel.train.launch import shutdown_distributed
+
+    out = write_seed_checkpoint(cfg, args.out)
+    shutdown_distributed()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"keel: wrote the initial weights of {args.recipe} (train.seed {cfg.train.seed}) to {out}\n"
+              f"next: keel train {args.recipe} model.init_from={out}   (the same weights in every layout)")
+
+
 def _print_sample(ckpt: str, cfg) -> None:
     from keel.model.registry import get_model_spec
     if not getattr(cfg.train, "sample_tokens", 0) or get_model_spec(cfg.model.name).decode is None:
@@ -122,6 +138,16 @@ def add_parsers(sub, parser_class) -> None:
     t.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="with --dry-run: the world size to lay out (default: $WORLD_SIZE or 1)")
     t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("init", help="write a recipe's initial weights as a seed checkpoint (model.init_from)",
+                       epilog="examples:\n  keel init recipes/lm/tiny.yaml --out runs/tiny-seed\n"
+                              "  torchrun --nproc-per-node 8 -m keel.cli init recipes/lm/llama-1b-h100.yaml --out seed/\n"
+                              "  keel train recipes/lm/tiny.yaml model.init_from=runs/tiny-seed",
+                       formatter_class=parser_class.formatter)
+    i.add_argument("recipe", help="a YAML recipe")
+    i.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    i.add_argument("--out", required=True, help="a new or empty folder for the checkpoint")
+    i.set_defaults(fn=cmd_init)
 
     r = sub.add_parser("rl", help="RL post-training (GRPO, DPO, distillation) from a YAML recipe",
                        epilog=recipe_epilog("rl", "recipes/rl/grpo-tiny.yaml"), formatter_class=parser_class.formatter)

@@ -41,10 +41,19 @@ class TrainConfig:
     # A NaN/Inf loss or gradient never updates the weights; then: skip the step, roll back to the
     # last committed checkpoint and replay, or stop with an error (keel/train/faults.py).
     nonfinite: Literal["skip", "rollback", "stop"] = "stop"
+    # Python's cyclic garbage collector runs only every N steps (all ranks at the same step, so no
+    # rank stalls the others at a random moment); 0: Python's automatic collection
+    gc_every: int = 50
+    # a torch profiler trace (and on CUDA a memory snapshot) of these steps, in RUN/profile/
+    profile_steps: list[int] = field(default_factory=list)
+    prefetch: bool = True  # load the next step's batches in a background thread (pinned memory on CUDA)
 
     def validate(self) -> None:
         _at_least("train", self, 1, "steps", "micro_batch", "global_batch", "log_every", "eval_batches")
-        _at_least("train", self, 0, "grad_clip", "eval_every", "sample_tokens")
+        _at_least("train", self, 0, "grad_clip", "eval_every", "sample_tokens", "gc_every")
+        bad = [s for s in self.profile_steps if not isinstance(s, int) or s < 1]
+        if bad:
+            raise ConfigError(f"train.profile_steps: expected step numbers >= 1, got {bad}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"train.global_batch: {self.global_batch} is not a multiple of "
                               f"train.micro_batch {self.micro_batch}")
@@ -93,7 +102,14 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = True  # with tp > 1: norms and residuals run on sequence shards
     activation_checkpoint: Literal["none", "full", "selective"] = "none"  # recompute activations in backward
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block (fullgraph: a graph break is an error, not a slowdown)
+    # FSDP2: free each block's gathered weights after its forward and gather again for backward.
+    # null: yes, except under pp (a stage's micro-batches reuse the gathered weights)
+    reshard_after_forward: Optional[bool] = None
+    # FSDP2 with train.global_batch > micro_batch x ranks: reduce-scatter gradients after every
+    # micro-batch (keeps only sharded gradients) or only after the last (less traffic, full-size fp32 gradients)
+    fsdp_grad_sync: Literal["every_micro_batch", "last_micro_batch"] = "every_micro_batch"
+    ddp_bucket_mb: int = 25  # DDP (dp_replicate alone): gradient all-reduce bucket size in MiB
     # The training engine: keel's own (DDP / FSDP2 / TP) or DeepSpeed ZeRO (keel/train/deepspeed.py).
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = 1  # deepspeed: ZeRO stage 1 | 2 | 3
@@ -102,7 +118,7 @@ class ParallelConfig:
     ds_config: Optional[Any] = None  # deepspeed: a JSON file path or a mapping, merged over the generated config
 
     def validate(self) -> None:
-        _at_least("parallel", self, 1, "pp", "dp_replicate", "cp", "tp", "ep")
+        _at_least("parallel", self, 1, "pp", "dp_replicate", "cp", "tp", "ep", "ddp_bucket_mb")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: expected 1, 2 or 3, got {self.zero_stage}")
         if self.dp_shard == 0 or self.dp_shard < -1:
@@ -113,8 +129,12 @@ class ParallelConfig:
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute, fp32 master weights
     fp8: Literal["off", "torchao", "te"] = "off"  # FP8 linears in the blocks (keel/train/precision.py)
-    # torchao: tensorwise | rowwise; te: delayed | current. None: tensorwise / delayed.
+    # torchao: rowwise (recommended: a scale per row, the more accurate) | tensorwise (fastest; FP8
+    # all-gather under FSDP); te: delayed | current. None: rowwise / delayed.
     fp8_recipe: Optional[Literal["tensorwise", "rowwise", "delayed", "current"]] = None
+    # FP8 only for linears with both dims at least this: below it the casts cost more than the
+    # faster matmul gains, and small GEMMs are where FP8 loses the most accuracy
+    fp8_min_features: int = 1024
 
     def validate(self) -> None:
         if self.fp8 != "off":
@@ -186,3 +206,19 @@ def check_moe_layout(cfg: Config) -> None:
                               f"is not supported yet; it composes with parallel.dp_shard (FSDP2)")
     if par.dp_shard != -1 and par.dp_shard % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard}")
+
+
+@register_check
+def check_fp8_layout(cfg: Config) -> None:
+    """Transformer Engine linears are plain modules to keel's TP plan and to torch's activation
+    checkpointing: both would silently lose TE's FP8 state handling, so those combinations are refused."""
+    par = cfg.parallel
+    if cfg.precision.fp8 != "te":
+        return
+    if par.tp > 1:
+        raise ConfigError(f"precision.fp8: te with parallel.tp = {par.tp} is not supported (torch's TP styles "
+                          f"refuse TE linears); use precision.fp8=torchao, which composes with TP")
+    if par.activation_checkpoint != "none":
+        raise ConfigError(f"precision.fp8: te with parallel.activation_checkpoint = {par.activation_checkpoint} "
+                          f"is not supported (the recompute would run outside fp8_autocast); use "
+                          f"precision.fp8=torchao or parallel.activation_checkpoint=none")

@@ -119,9 +119,13 @@ class StepGuard:
                              f"checkpoint is {latest or 'none'} (train.nonfinite=skip or rollback go past such steps)")
 
     def preempted(self) -> bool:
-        """True on every rank once any rank got SIGUSR1/SIGTERM (a collective: all ranks call it)."""
+        """True on every rank once any rank got SIGUSR1/SIGTERM. The trainer's step polls the flag
+        (a collective) and settles it in its one host sync; a loop that does not (RL) polls here."""
         t = self.trainer
-        if self.preempted_by is None and t.step < t.cfg.train.steps and self.flag.requested(t.dist.device):
+        if not self.flag.settled:
+            self.flag.settle(int(self.flag.poll(t.dist.device).item()))
+        self.flag.settled = False
+        if self.preempted_by is None and t.step < t.cfg.train.steps and self.flag.agreed:
             self.preempted_by = self.flag.signal_name
         return self.preempted_by is not None
 

@@ -156,17 +156,28 @@ class PreemptionFlag:
             sys.stderr.write(f"keel: got {signal.Signals(signum).name}: checkpointing after this step, then exiting\n")
         self.signum = self.signum or signum
 
-    def requested(self, device: torch.device) -> bool:
-        """Has any rank been signalled? Call on every rank at the same point (all-reduce MAX)."""
-        local = 0 if self.signum is None else int(self.signum)
-        if not dist.is_initialized():
-            return local != 0
-        flag = torch.tensor([local], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
+    # Polling is split in two so that the trainer can fold the answer into its step's one host
+    # sync: poll() starts the all-reduce (MAX over all ranks) and returns its device tensor,
+    # settle() takes the value read back.
+    agreed: int = 0
+    settled: bool = False
+
+    def poll(self, device: torch.device) -> torch.Tensor:
+        """Has any rank been signalled? Call on every rank at the same point."""
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag[0]
+
+    def settle(self, agreed: int) -> None:
         if self.signum is None and agreed:
             self.signum = agreed  # the signal another rank got
-        return agreed != 0
+        self.agreed, self.settled = agreed, True
+
+    def requested(self, device: torch.device) -> bool:
+        """poll + settle in one call (a blocking read)."""
+        self.settle(int(self.poll(device).item()))
+        return self.agreed != 0
 
 
 _PREEMPTION = PreemptionFlag()

@@ -1,6 +1,6 @@
 """The device mesh and the parallelisms applied to a single-device model, in a fixed order:
 TP/SP -> CP -> EP (MoE experts, keel/train/expert_parallel.py) -> activation checkpointing ->
-per-block torch.compile -> FSDP2 / DDP.
+per-block torch.compile -> FSDP2 / DDP, on a model that may still be on the meta device.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
 ep folds into the data-parallel ranks and has its own (ep_replicate, ep) mesh over the same ranks.
@@ -132,33 +132,54 @@ def _has_submodule(module: torch.nn.Module, name: str) -> bool:
         return False
 
 
+# Under selective checkpointing these ops' outputs are saved; everything else is recomputed. Of the
+# matmuls only every second one is saved (TorchTitan's policy: about half the recompute for half the
+# memory); the outputs of collectives are always saved (recomputing them would mean communicating
+# again). Attention is recomputed, never saved: with a dense mask its saved state would be the
+# [B, H, L, L] scores; flash/flex kernels keep only their output and log-sum-exp, cheap to redo.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_COLLECTIVES = {torch.ops._c10d_functional.reduce_scatter_tensor.default,
+                torch.ops._c10d_functional.all_gather_into_tensor.default,
+                torch.ops._c10d_functional.all_reduce.default,
+                torch.ops._c10d_functional.all_to_all_single.default}
+
+
+def _selective_policy():
+    """A fresh policy per checkpointed region: the matmul counter restarts for every block, forward
+    and recompute alike, so the recompute saves exactly what the forward saved."""
+    seen = {"mm": 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in _COLLECTIVES:
+            return CheckpointPolicy.MUST_SAVE
+        if op in _MATMULS:
+            if ctx.is_recompute:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            seen["mm"] += 1
+            return CheckpointPolicy.MUST_SAVE if seen["mm"] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    """full: recompute each block in the backward. selective: keep the outputs of matmuls and
-    attention (the expensive ops) and recompute the cheap elementwise ones."""
+    """full: recompute each block in the backward. selective: save every second matmul's output and
+    every collective's, recompute the rest (the cheap elementwise ops and attention)."""
 
     if mode == "none":
         return
     context_fn = None
     if mode == "selective":
-
-        keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-                torch.ops.aten._scaled_dot_product_efficient_attention.default,
-                torch.ops.aten._scaled_dot_product_flash_attention.default}
-
-        def policy(ctx, op, *args, **kwargs):
-            return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-        context_fn = partial(create_selective_checkpoint_contexts, policy)
+        context_fn = lambda: create_selective_checkpoint_contexts(_selective_policy())  # noqa: E731 (one per region)
     for name, block in list(model.layers.items()):
         kwargs = {"context_fn": context_fn} if context_fn else {}
         model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
 def apply_compile(model: torch.nn.Module) -> None:
-    """Compile block by block: blocks are identical, so one compiled graph serves them all."""
+    """Compile block by block: blocks are identical, so one compiled graph serves them all. fullgraph:
+    a graph break would silently cost speed; keel's blocks have none, and a new one is an error."""
     for block in model.layers.values():
-        block.compile()
+        block.compile(fullgraph=True)
 
 
 def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg: ParallelConfig,
@@ -175,16 +196,21 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
-    return apply_data_parallel(model, mesh, dims, param_dtype, ignored=experts)
+    return apply_data_parallel(model, mesh, dims, param_dtype, ignored=experts, cfg=cfg)
 
 
 def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims,
-                        param_dtype: torch.dtype | None = None, ignored: set | None = None) -> torch.nn.Module:
-    """FSDP2 per block then root (HSDP when dp_replicate > 1 too), or DDP when only replicating.
+                        param_dtype: torch.dtype | None = None, ignored: set | None = None,
+                        cfg: ParallelConfig | None = None) -> torch.nn.Module:
+    """FSDP2 per block, the embedding (untied) as its own unit, then the root (HSDP when
+    dp_replicate > 1 too), or DDP when only replicating.
 
-    The model must already hold its initial weights (identical on every rank). `ignored`: parameters
-    another parallelism owns and reduces (expert-parallel experts).
+    The model may still be on meta (keel/train/init.py materialises it afterwards). `ignored`:
+    parameters another parallelism owns and reduces (expert-parallel experts). The final norm and
+    the LM head stay in the root unit: the chunked loss reads the head's weight directly, not
+    through a module call that would trigger its all-gather.
     """
+    cfg = cfg or ParallelConfig()
     if mesh is None:
         return model
     if uses_fsdp(dims):
@@ -196,14 +222,31 @@ def apply_data_parallel(model: torch.nn.Module, mesh: DeviceMesh | None, dims: P
             mesh["dp_shard", "cp"]._flatten(mesh_dim_name="dp_shard_cp")
             shard_dim = "dp_shard_cp"
         dp_mesh = mesh["dp_replicate", shard_dim] if dims.dp_replicate > 1 else mesh[shard_dim]
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: FSDP would otherwise cast every floating input of a unit to bf16,
+        # RoPE's cos/sin among them, and the numerics would depend on the layout. Block inputs are
+        # already bf16 (the embedding's output); RoPE stays fp32 as in one process.
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        reshard = dims.pp == 1 if cfg.reshard_after_forward is None else cfg.reshard_after_forward
+        unit = partial(fully_shard, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored or None)
         for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored or None)
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored or None)
+            unit(block, reshard_after_forward=reshard)
+        if getattr(model, "tok_embeddings", None) is not None and getattr(model, "output", None) is not None:
+            unit(model.tok_embeddings, reshard_after_forward=reshard)  # tied: the head reads it in the root
+        unit(model, reshard_after_forward=False)  # the root's weights are needed again at once in backward
     elif dims.dp_replicate > 1:
 
-        replicate(model, device_mesh=mesh["dp_replicate"])
+        replicate(model, device_mesh=mesh["dp_replicate"], bucket_cap_mb=cfg.ddp_bucket_mb)
     return model
+
+
+def gradient_sync_on(micro_batch: int, n_micro_batches: int, dims: ParallelDims, cfg: ParallelConfig) -> bool:
+    """Whether this micro-batch's backward reduces gradients over the data-parallel ranks. DDP holds
+    full gradients anyway: reduce once, after the last. FSDP: after every micro-batch unless asked
+    (`parallel.fsdp_grad_sync`), so only sharded gradients are ever kept."""
+    last = micro_batch == n_micro_batches - 1
+    if uses_fsdp(dims):
+        return last or cfg.fsdp_grad_sync == "every_micro_batch"
+    return last
 
 
 def uses_fsdp(dims: ParallelDims) -> bool:

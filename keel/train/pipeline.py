@@ -1,9 +1,9 @@
 """Pipeline parallelism on torch.distributed.pipelining: the backbone cut into stages by layer and
 driven by a schedule (GPipe, 1F1B, interleaved 1F1B) over the step's micro-batches.
 
-Every rank first holds the whole model with the single-process initialisation, then keeps only
-its stages' layers, plus the embedding on the first stage and the final norm + LM head on the
-last; so a pp run starts from exactly the weights one process would. A stage is a plain keel
+Stages are cut from the whole model while it is still on the meta device: a rank keeps only its
+stages' layers, plus the embedding on the first stage and the final norm + LM head on the last, and
+materialises just those (keel/train/init.py draws the same initial weights one process would). A stage is a plain keel
 model with parts removed: the backbone takes hidden states in place of token ids and hands its
 activations on when it has no final norm. Parameter names are the full model's, so checkpoints
 move freely between pp and every other layout.
@@ -144,6 +144,10 @@ class Pipeline:
             stages.append(PipelineStage(part, stage_id, n_stages, device, group=self.group))
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
+        if tied and self.has_last and not self.has_first:
+            # The last stage's copy of the tied table takes the table's place in the whole model, so
+            # initialising the whole model fills it with the embedding's initial values.
+            model.tok_embeddings = self.parts[-1].tok_embeddings
         self.container = StageParts(self.parts)
         self.tied_group = _first_last_group(mesh, dims.pp) if tied else None
         self.n_microbatches = n_microbatches

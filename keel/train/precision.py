@@ -18,7 +18,7 @@ import torch
 
 from keel.errors import ConfigError, MissingExtraError
 
-DEFAULT_RECIPE = {"torchao": "tensorwise", "te": "delayed"}
+DEFAULT_RECIPE = {"torchao": "rowwise", "te": "delayed"}
 RECIPES = {"torchao": ("tensorwise", "rowwise"), "te": ("delayed", "current")}
 
 
@@ -30,10 +30,14 @@ def fp8_recipe(cfg) -> str:
     return recipe
 
 
-def _fp8_linear_filter(module: torch.nn.Module, fqn: str) -> bool:
-    # FP8 matmuls need both dims divisible by 16; the LM head is not a module call in keel.
-    return (isinstance(module, torch.nn.Linear) and fqn.startswith("layers.")
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+def _fp8_linear_filter(min_features: int) -> Callable[[torch.nn.Module, str], bool]:
+    """Linears of the blocks big enough for FP8 to pay (precision.fp8_min_features). FP8 matmuls
+    need both dims divisible by 16; the LM head is not a module call in keel."""
+    def keep(module: torch.nn.Module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and fqn.startswith("layers.")
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0
+                and min(module.in_features, module.out_features) >= min_features)
+    return keep
 
 
 @contextlib.contextmanager
@@ -59,9 +63,9 @@ def convert_torchao(model: torch.nn.Module, cfg, fsdp: bool) -> None:
                                 "(or torchao)") from None
     recipe = fp8_recipe(cfg)
     config = Float8LinearConfig.from_recipe_name(recipe)
-    if fsdp and recipe == "tensorwise":
+    if uses_fp8_all_gather(cfg, fsdp):
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)  # all-gather weights in FP8
-    convert_to_float8_training(model, config=config, module_filter_fn=_fp8_linear_filter)
+    convert_to_float8_training(model, config=config, module_filter_fn=_fp8_linear_filter(cfg.fp8_min_features))
 
 
 def convert_te(model: torch.nn.Module, cfg, fsdp: bool) -> None:
@@ -74,10 +78,11 @@ def convert_te(model: torch.nn.Module, cfg, fsdp: bool) -> None:
         raise ConfigError("precision.fp8: te needs an NVIDIA Hopper (sm_90) or newer GPU; "
                           "use precision.fp8=torchao elsewhere")
     fp8_recipe(cfg)
+    keep = _fp8_linear_filter(cfg.fp8_min_features)
     for fqn, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             path = f"{fqn}.{name}" if fqn else name
-            if _fp8_linear_filter(child, path):
+            if keep(child, path):
                 swapped = te.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                     params_dtype=child.weight.dtype, device=child.weight.device)
                 with torch.no_grad():
@@ -93,6 +98,19 @@ FP8_BACKENDS: dict[str, Callable] = {"off": lambda model, cfg, fsdp: None,
 
 def apply_fp8(model: torch.nn.Module, cfg, fsdp: bool) -> None:
     FP8_BACKENDS[cfg.fp8](model, cfg, fsdp)
+
+
+def uses_fp8_all_gather(cfg, fsdp: bool) -> bool:
+    return fsdp and cfg.fp8 == "torchao" and fp8_recipe(cfg) == "tensorwise"
+
+
+def after_optimizer_step(model: torch.nn.Module, cfg, fsdp: bool) -> None:
+    """With FP8 all-gather under FSDP, compute every weight's FP8 scale once for all ranks after the
+    update (one all-reduce for the whole model), instead of one small all-reduce per weight in the
+    next forward."""
+    if uses_fp8_all_gather(cfg, fsdp):
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp  # imported by convert_torchao
+        precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def forward_context(cfg, device: torch.device, autocast_bf16: bool):

@@ -3,14 +3,15 @@
 The loop knows no family: it looks the family's spec up by `model.name` and drives its training task
 (keel/model/task.py) — batches, summed loss, loss units, eval metrics.
 
-Setup order: ranks -> mesh -> task (tokenizer, ...) -> model on meta -> weights (init or init_from) ->
-parallelism -> optimizer -> data -> resume -> loop. Every step: micro-batches -> forward (summed
+Setup order: ranks -> mesh -> task (tokenizer, ...) -> model on meta -> parallelism -> this rank's
+shards -> weights (init or init_from) -> optimizer -> data -> resume -> loop. Every step: micro-batches -> forward (summed
 loss) -> backward scaled by the GLOBAL count of loss units -> clip -> step -> metrics -> checkpoint.
 Normalising by the global count makes the update identical however the batch is split over ranks
 and micro-batches, which is what lets a checkpoint resume on another world size with the same result.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -18,17 +19,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from keel.checkpoint.dcp import Checkpointer, load_model_weights
+from keel.checkpoint.dcp import Checkpointer
 from keel.checkpoint.files import resolve_checkpoint
 from keel.config import Config, save_resolved
+from keel.data.prefetch import Prefetcher
 from keel.errors import ConfigError
 from keel.model.registry import build_model, get_model_spec
-from keel.train import faults, parallel, precision
+from keel.train import faults, init, parallel, precision
 from keel.train.context_parallel import shard_batch
 from keel.train.launch import DistInfo, init_distributed
 from keel.train.metrics import MetricsLogger, ProgressLine, device_peak_flops, peak_memory_gib
 from keel.train.optim import build_optimizer, clip_grad_norm
 from keel.train.pipeline import build_pipeline
+from keel.train.profile import StepProfiler
 
 
 class Trainer:
@@ -37,6 +40,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
+        if self.dist.device.type == "cuda":  # fp32 matmuls (fp32 recipes, the loss head) on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.dims = parallel.resolve_parallel_dims(cfg.parallel, self.dist.world_size)
         self.mesh = parallel.build_mesh(self.dims, self.dist.device.type)
         self.dp_rank, self.dp_size = parallel.dp_rank_and_size(self.mesh, self.dims)
@@ -54,10 +60,13 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
         self.data = self._build_data()
+        if cfg.train.prefetch:
+            self.data = Prefetcher(self.data, pin=self.dist.device.type == "cuda")
         self.step = self._resume()
         # Only now, with everything checked and loaded, is the run directory written: a start that
         # fails leaves an existing run's config.yaml and tokenizer untouched, and makes no folder.
         self._setup_run_dir()
+        self.guard = faults.StepGuard(self)  # preemption signals and the non-finite policy
         self.metrics = MetricsLogger(self.run_dir, cfg, self.dist.is_main, self.step)
         self.peak_flops = device_peak_flops(self.dist.device)
         flops = getattr(cfg.model, "flops_per_token", None)  # a family without it gets no MFU
@@ -73,33 +82,28 @@ class Trainer:
             dist.barrier()
 
     def _build_model(self) -> torch.nn.Module:
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        """meta -> parallelize (TP/SP, CP, EP, pipeline cut, FSDP) -> this rank's shards on the device
+        -> weights (keel/train/init.py). No rank ever holds the whole model."""
+        cfg, device = self.cfg, self.dist.device
         model = build_model(cfg.model, "meta")
-        fsdp = parallel.uses_fsdp(self.dims)
-        # FSDP shards weights that already exist: materialise on CPU, init, then shard. Every rank
-        # thus starts from exactly the single-process initialisation.
-        model.to_empty(device="cpu" if fsdp else self.dist.device)
-        if getattr(cfg.model, "init_from", None):
-            model.init_buffers()
-            load_model_weights(resolve_checkpoint(cfg.model.init_from, "model.init_from"), model,
-                               "model.init_from")
-        else:
-            model.init_weights()
-        self.autocast = cfg.precision.dtype == "bf16" and not fsdp  # FSDP casts through its mixed-precision policy
+        self.autocast = cfg.precision.dtype == "bf16" and not parallel.uses_fsdp(self.dims)  # FSDP casts via its policy
         # Under pp each of this rank's stages is cut from the whole model, then parallelized alone.
-        self.pipeline = build_pipeline(model, self.mesh, self.dims, cfg, self._parallelize, self.dist.device,
-                                       self.dp_size)
-        return self._parallelize(model) if self.pipeline is None else self.pipeline.container
+        self.pipeline = build_pipeline(model, self.mesh, self.dims, cfg, self._parallelize, device, self.dp_size)
+        if self.pipeline is None:
+            trained = self._parallelize(model)
+            parts = [trained]
+        else:
+            trained, parts = self.pipeline.container, self.pipeline.parts
+        init.materialize(parts, device)
+        init.initialize_weights(model, parts, device, cfg.train.seed, getattr(cfg.model, "init_from", None),
+                                load_into=trained)
+        return trained
 
     def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         cfg, fsdp = self.cfg, parallel.uses_fsdp(self.dims)
         precision.apply_fp8(model, cfg.precision, fsdp)
         param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
-        model = parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, self.spec.tp_plan, param_dtype)
-        if fsdp and self.dist.device.type != "cpu":
-            model.to(self.dist.device)
-        return model
+        return parallel.parallelize(model, self.mesh, self.dims, cfg.parallel, self.spec.tp_plan, param_dtype)
 
     def _build_data(self):
         return self.task.build_data(dp_rank=self.dp_rank, dp_size=self.dp_size)
@@ -157,20 +161,26 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
-    def global_counts(self, micro_batches: list[dict]) -> tuple[int, int]:
-        """Loss units (tokens that carry a label, for an LM) and a fingerprint of the step's content,
-        both summed over every rank: the fingerprint shows at a glance that a resumed run saw the same data."""
+    def _counts(self, micro_batches: list[dict]) -> torch.Tensor:
+        """[loss units, content fingerprint] of the step, summed over every rank, on the device (no
+        host sync): units are what the loss is normalised by (tokens that carry a label, for an LM);
+        the fingerprint shows at a glance that a resumed run saw the same data."""
         local = torch.stack([sum(self.task.units(mb).to(torch.int64) for mb in micro_batches),
                              sum(self.task.fingerprint(mb).to(torch.int64) for mb in micro_batches)])
-        units, fingerprint = self._dp_sum(local.to(self.dist.device)).tolist()
+        return self._dp_sum(local.to(self.dist.device))
+
+    def global_counts(self, micro_batches: list[dict]) -> tuple[int, int]:
+        units, fingerprint = self._counts(micro_batches).tolist()
         return units, fingerprint
 
     def train_step(self) -> dict:
         self.model.train()
         micro_batches = [self._to_device(self._cp_shard(mb)) for mb in self.data.next_step()]
-        global_tokens, fingerprint = self.global_counts(micro_batches)
-        # DDP/FSDP average gradients over the ranks holding different tokens; undo that.
-        scale = self.dp_size * self.dims.cp / max(global_tokens, 1)
+        counts = self._counts(micro_batches)
+        preempt = self.guard.flag.poll(self.dist.device)  # joins the step's one host sync below
+        # DDP/FSDP average gradients over the ranks holding different tokens; undo that. A device
+        # tensor: the host need not wait for the count before the forward.
+        scale = (self.dp_size * self.dims.cp) / counts[0].clamp(min=1).float()
         # Under pp the schedule runs every micro-batch through the stages; else one after another.
         run = self._forward_backward if self.pipeline is None else self.pipeline.train_step
         loss_sum = run(micro_batches, scale)
@@ -178,14 +188,21 @@ class Trainer:
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm, **self._pipeline_norm_args())
         lr = self.scheduler.get_last_lr()[0]
-        loss = self._dp_sum(loss_sum).item() / max(global_tokens, 1)
-        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))  # the same on every rank
+        # The step's single host sync: everything the loop decides on, in one transfer (float64
+        # holds the integer counts exactly).
+        host = torch.stack([self._dp_sum(loss_sum).double(), grad_norm.double().to(self.dist.device),
+                            counts[0].double(), counts[1].double(), preempt.double()]).tolist()
+        loss_total, grad_norm, tokens, fingerprint, signal = host
+        self.guard.flag.settle(int(signal))
+        loss = loss_total / max(tokens, 1)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
         if finite:  # a NaN/Inf step never reaches the weights; train.nonfinite decides what follows
             self.optimizer.step()
             self.scheduler.step()
+            precision.after_optimizer_step(self.model, self.cfg.precision, parallel.uses_fsdp(self.dims))
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": global_tokens,
-                "data_fingerprint": fingerprint, "finite": finite, "moe": self._moe_balance_step()}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": int(tokens),
+                "data_fingerprint": int(fingerprint), "finite": finite, "moe": self._moe_balance_step()}
 
     def _moe_balance_step(self) -> dict:
         """A model with MoE layers updates its balancing biases from this step's expert loads
@@ -200,8 +217,9 @@ class Trainer:
         """Gradients of scale * (summed token loss) over the micro-batches; returns the loss sum."""
         loss_sum = torch.zeros((), device=self.dist.device)
         for i, mb in enumerate(micro_batches):
-            if parallel.uses_fsdp(self.dims):
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            if self.mesh is not None and (parallel.uses_fsdp(self.dims) or self.dims.dp_replicate > 1):
+                self.model.set_requires_gradient_sync(
+                    parallel.gradient_sync_on(i, len(micro_batches), self.dims, self.cfg.parallel))
             with self._autocast():
                 loss = self.task.loss_sum(self.model, mb)
             loss = faults.inject_nan(loss, self.step + 1)  # fault injection (tests): KEEL_FAULT_NAN_AT_STEP
@@ -283,10 +301,18 @@ class Trainer:
         summary = {}
         step_seconds: list[float] = []
         phase_seconds: dict = {"eval": [], "save": []}
-        guard = faults.StepGuard(self)  # preemption signals and the non-finite policy
+        guard = self.guard
+        profiler = StepProfiler(cfg.train.profile_steps, self.run_dir, self.dist.device, self.dist.rank)
+        gc_every = cfg.train.gc_every
+        if gc_every:  # collected on a schedule below, at the same step on every rank
+            gc.collect()
+            gc.disable()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
-            out = self.train_step()
+            with profiler.step(self.step + 1):
+                out = self.train_step()
+            if gc_every and (self.step + 1) % gc_every == 0:
+                gc.collect(1)
             self.step += 1
             dt = time.perf_counter() - t0
             step_seconds.append(dt)
@@ -320,6 +346,10 @@ class Trainer:
             if guard.preempted():  # SIGUSR1/SIGTERM on any rank: stop here, on a checkpoint
                 break
         progress.close()
+        if gc_every:
+            gc.enable()
+        if profiler.written:
+            self._say(f"profile: {len(profiler.written)} file(s) in {profiler.out.absolute()}", progress)
         if not summary:  # resumed at the last step: nothing left to train, evaluate what is there
             summary = self.evaluate()
         summary["checkpoint"] = str(self.ckpt.final(self.step, self.save))  # always end on a checkpoint
