@@ -146,3 +146,28 @@ def test_bad_profile_steps_is_one_line(tmp_path):
     result = run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "r", **{"train.profile_steps": "[0]"})],
                       check=False)
     assert result.returncode == 2 and "train.profile_steps" in result.stderr
+
+
+@pytest.mark.distributed
+def test_init_from_an_hf_folder_reads_it_shard_by_shard(tmp_path):
+    """model.init_from naming an HF folder: 2 FSDP ranks read their slices of its safetensors and
+    train exactly like one process started from the same folder converted by `keel import hf`."""
+    overrides = small_run_overrides(tmp_path / "unused", **COMMON)
+    run_keel(["init", str(TINY_RECIPE), *overrides, "--out", str(tmp_path / "seed")])
+    run_keel(["export", "hf", str(tmp_path / "seed"), str(tmp_path / "hf")])
+    run_keel(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "from_import", **COMMON,
+             **{"model.init_from": str(tmp_path / "imported")})])
+    run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "from_hf", **COMMON,
+             **{"model.init_from": str(tmp_path / "hf"), "parallel.dp_shard": 2})], nproc=2)
+    assert_same_training(tmp_path / "from_import", tmp_path / "from_hf")
+
+
+def test_init_from_an_hf_folder_of_another_shape_is_one_line(tmp_path):
+    run_keel(["init", str(TINY_RECIPE), *small_run_overrides(tmp_path / "unused"), "--out", str(tmp_path / "seed")])
+    run_keel(["export", "hf", str(tmp_path / "seed"), str(tmp_path / "hf")])
+    result = run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "run", **{
+        "model.init_from": str(tmp_path / "hf"), "model.ffn_dim": 256})], check=False)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "model.init_from" in line and "ffn_dim 128 vs 256" in line and "keel import hf" in line

@@ -61,6 +61,62 @@ def locate(src: Union[str, Path]) -> tuple[Path, Optional[str]]:
     raise CheckpointError(f"{path}: no config.json with weights and no .gguf file; expected {expected}")
 
 
+def is_hf_folder(path: Union[str, Path]) -> bool:
+    """An HF model folder (config.json + safetensors), as opposed to a keel run or checkpoint."""
+    path = Path(path)
+    return ((path / "config.json").is_file() and any(path.glob("*.safetensors"))
+            and not (path / "checkpoints").exists() and not (path / ".metadata").exists())
+
+
+def load_hf_weights_sharded(folder: Union[str, Path], model, key: str = "model.init_from") -> None:
+    """Fill `model` (sharded or not) straight from an HF folder's safetensors: DCP's Hugging Face
+    reader gives each rank only the slices its shards need, so no rank reads the whole model.
+
+    The family's HF names must be plain renames of keel's (dense Llama / Qwen layouts); a layout that
+    needs its tensors rearranged (stacked MoE experts, KSA's summary rows) is refused with the way
+    round it: `keel import hf` once, then init_from the imported folder."""
+    import dataclasses
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from transformers import AutoConfig  # heavy: only for an HF init_from
+
+    folder = Path(folder).absolute()
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{key}: {folder}: cannot read its config: {_first_line(e)}") from None
+    cfg = model.config
+    adapter = import_adapter(hf_config, f"{key}: {folder}")
+    convert = f"convert it once with `keel import hf {folder} OUT` and set {key}=OUT"
+    reader = HuggingFaceStorageReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
+    state = get_model_state_dict(model)
+    by_hf_name, problems = {}, []
+    for name, tensor in state.items():
+        try:
+            hf_name = adapter.tensor_name(name)
+        except CheckpointError:
+            hf_name = None
+        if hf_name not in stored:
+            problems.append(f"{name} has no tensor there")
+        elif tuple(stored[hf_name].size) != tuple(tensor.shape):
+            problems.append(f"{hf_name} is {tuple(stored[hf_name].size)}, the recipe's model needs {tuple(tensor.shape)}")
+        else:
+            by_hf_name[hf_name] = tensor
+    if problems:
+        theirs = adapter.from_config(hf_config, str(folder)) if adapter.from_config else None
+        differ = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                  if theirs is not None and f.name != "init_from" and getattr(theirs, f.name) != getattr(cfg, f.name)]
+        detail = f"model settings differ (HF vs recipe): {'; '.join(differ[:4])}" if differ else problems[0]
+        raise CheckpointError(f"{key}: {folder} does not fit the recipe's {cfg.name} model shard by shard "
+                              f"({detail}, {len(problems)} tensor(s)); if the layout is right, {convert}")
+    dcp.load(by_hf_name, storage_reader=reader, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, {name: by_hf_name[adapter.tensor_name(name)] for name in state})
+
+
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 

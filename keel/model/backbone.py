@@ -56,7 +56,7 @@ class TransformerConfig:
     max_seq_len: int = 2048  # longest sequence the model is configured for (RoPE tables, HF export)
     init_std: float = 0.02  # std of the normal init of the weights (output projections scaled by depth)
     loss_chunk: int = 2048  # tokens per LM-head chunk: the full [tokens x vocab] never exists
-    init_from: Optional[str] = None  # keel checkpoint or run dir whose weights start training
+    init_from: Optional[str] = None  # keel checkpoint, run dir or HF folder (safetensors) whose weights start training
     moe: Optional[MoEConfig] = None  # Mixture-of-Experts feed-forward in chosen layers; None: dense
 
     def __post_init__(self):

@@ -4,7 +4,8 @@ The trainer builds the model on the meta device, applies every parallelism to it
 EP, the pipeline cut, FSDP/HSDP), and only then gives each rank memory for its own shards
 (`to_empty`). The weights are then either loaded (`model.init_from`: DCP reads each rank's shards
 only) or initialised by the model's own `init_weights()`, run on the sharded model under
-`sharded_random_init`.
+`sharded_random_init`. `model.init_from` may also name a Hugging Face folder: its safetensors
+are read slice by slice too (keel/checkpoint/hf.py).
 
 Layout-independent initial weights. A random fill (normal_, uniform_) of a sharded DTensor is
 drawn for the whole tensor from the training device's default generator, exactly as one process
@@ -27,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from keel.checkpoint.dcp import load_model_weights
 from keel.checkpoint.files import resolve_checkpoint
+from keel.checkpoint.hf import is_hf_folder, load_hf_weights_sharded
 from keel.checkpoint.model_io import write_sharded_model_checkpoint
 from keel.model.registry import build_model
 from keel.train import parallel
@@ -73,7 +75,10 @@ def initialize_weights(whole: torch.nn.Module, parts: list[torch.nn.Module], dev
     if init_from:
         for part in parts:
             part.init_buffers()
-        load_model_weights(resolve_checkpoint(init_from, "model.init_from"), load_into, "model.init_from")
+        if is_hf_folder(init_from):  # safetensors read slice by slice, no `keel import hf` needed
+            load_hf_weights_sharded(init_from, load_into, "model.init_from")
+        else:
+            load_model_weights(resolve_checkpoint(init_from, "model.init_from"), load_into, "model.init_from")
         return
     torch.manual_seed(seed)  # the same draws on every rank, in the same order as one process
     with sharded_random_init(device):
