@@ -8,6 +8,7 @@ temporary folder beside the target, renamed into place once whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from keel.checkpoint.files import new_folder, refuse_non_empty
 from keel.checkpoint.model_io import load_model_checkpoint, write_model_checkpoint
@@ -75,12 +80,6 @@ def load_hf_weights_sharded(folder: Union[str, Path], model, key: str = "model.i
     The family's HF names must be plain renames of keel's (dense Llama / Qwen layouts); a layout that
     needs its tensors rearranged (stacked MoE experts, KSA's summary rows) is refused with the way
     round it: `keel import hf` once, then init_from the imported folder."""
-    import dataclasses
-
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from transformers import AutoConfig  # heavy: only for an HF init_from
 
     folder = Path(folder).absolute()
