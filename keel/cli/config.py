@@ -143,6 +143,12 @@ def show_config(cfg, world: int) -> None:
     dims = resolve_parallel_dims(cfg.parallel, world)
     lines = [f"# layout on {world} rank(s): pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard "
              f"{dims.dp_shard} x cp {dims.cp} x tp {dims.tp} (engine {cfg.parallel.engine})"]
+    if cfg.parallel.ep > 1:
+        if dims.dp % cfg.parallel.ep:
+            raise ConfigError(f"parallel.ep: {cfg.parallel.ep} does not divide the {dims.dp} data-parallel ranks "
+                              f"of {world} rank(s)")
+        lines.append(f"# experts: ep {cfg.parallel.ep} (each expert group spans {cfg.parallel.ep} data-parallel "
+                     f"ranks; {dims.dp // cfg.parallel.ep} replica group(s))")
     if cfg.rl is None:
         micro_total = cfg.train.micro_batch * dims.dp
         if cfg.train.global_batch % micro_total:

@@ -277,6 +277,8 @@ class Trainer:
         params = count() if count else sum(p.numel() for p in self.model.parameters())
         layout = " x ".join(f"{name} {getattr(dims, name)}" for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
                             if getattr(dims, name) > 1) or "one process"
+        if cfg.parallel.ep > 1:  # not a mesh factor: experts are sharded over groups of data-parallel ranks
+            layout += f" (experts: ep {cfg.parallel.ep})"
         tokens = cfg.train.global_batch * cfg.data.seq_len
         return (f"{cfg.model.name}, {params / 1e6:.1f}M parameters | {self.dist.world_size} rank(s): {layout} | "
                 f"{cfg.train.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens/step | steps {self.step} -> "
