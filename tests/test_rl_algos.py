@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from conftest import REPO
 from keel.errors import ConfigError
 from keel.rl.advantages import compute_advantages
 from keel.rl.losses import entropy_from_logits, kl_penalty, policy_loss, truncated_is_weights
@@ -218,3 +219,34 @@ def test_loss_bad_names():
         policy_loss("ppo-clip", logprobs, old, adv, mask)
     with pytest.raises(ConfigError, match=r"rl.loss.clip_hihg: .*did you mean 'clip_high'"):
         policy_loss("ppo_clip", logprobs, old, adv, mask, {"clip_hihg": 0.3})
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_loss_aggregation_recount_and_micro_batch_split(agg):
+    """Each rl.loss_agg mode against a plain-Python recount, and split into micro-batches with the
+    mini-batch's counts (LossScale) it sums to the whole batch's loss."""
+    from keel.rl.losses import LossScale, aggregate
+
+    torch.manual_seed(0)
+    values = torch.randn(6, 9)
+    lengths = [9, 1, 4, 7, 2, 5]
+    mask = torch.tensor([[t < n for t in range(9)] for n in lengths])
+    horizon = 12
+    rows = [[float(values[i, t]) for t in range(n)] for i, n in enumerate(lengths)]
+    recount = {
+        "token_mean": sum(map(sum, rows)) / sum(lengths),
+        "seq_mean_token_mean": sum(sum(r) / len(r) for r in rows) / len(rows),
+        "seq_mean_token_sum_norm": sum(sum(r) / horizon for r in rows) / len(rows),
+    }[agg]
+    whole = LossScale(tokens=float(mask.sum()), sequences=6, horizon=horizon)
+    assert float(aggregate(values, mask, agg, whole)) == pytest.approx(recount, rel=1e-5)
+    split = sum(float(aggregate(values[i:i + 2], mask[i:i + 2], agg, whole)) for i in range(0, 6, 2))
+    assert split == pytest.approx(recount, rel=1e-5)
+
+
+def test_unknown_loss_agg_is_one_line():
+    import keel
+    from keel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.loss_agg"):
+        keel.load_recipe(REPO / "recipes" / "rl" / "grpo-tiny.yaml", ["rl.loss_agg=seq_mean"])

@@ -73,6 +73,9 @@ class RLConfig:
     advantage_cfg: dict = field(default_factory=dict)  # that estimator's options (checked by it)
     loss: str = "ppo_clip"  # keel/rl/losses.py POLICY_LOSSES
     loss_cfg: dict = field(default_factory=dict)  # that loss's options, e.g. clip_low, clip_high, dual_clip
+    # per-token terms -> one loss (keel/rl/losses.py LOSS_AGGREGATIONS): token_mean (DAPO) |
+    # seq_mean_token_mean (GRPO as published) | seq_mean_token_sum_norm (Dr. GRPO, over rl.sampling.max_tokens)
+    loss_agg: str = "token_mean"
     # Truncated importance sampling of trainer vs rollout-engine token probabilities: weights
     # clipped to [is_cap_low, is_cap] (is_cap 0: off); a sequence with a ratio below is_veto is dropped.
     is_cap: float = 2.0
@@ -155,6 +158,7 @@ def check_registries(rl: RLConfig) -> None:
     """Names looked up in the RL-algorithm registries (advantage estimators, policy losses)."""
     estimator_options(rl.advantage, rl.advantage_cfg, "rl.advantage_cfg" if rl.advantage_cfg else "rl.advantage")
     choose("rl.loss", rl.loss, losses.POLICY_LOSSES)
+    choose("rl.loss_agg", rl.loss_agg, losses.LOSS_AGGREGATIONS)
     losses._options(rl.loss, loss_options(rl), "rl.loss_cfg")
 
 

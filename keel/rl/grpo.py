@@ -183,8 +183,8 @@ class GRPOTrainer(RLRun):
         return {"ids": ids.to(self.device), "mask": mask.to(self.device), "rollout_lp": rollout_lp.to(self.device),
                 "tokens": sum(len(s) for s in seqs)}
 
-    def _micro_loss(self, ids, mask, rollout_lp, adv, old_lp, token_count):
-        """Loss of one micro-batch, divided by the mini-batch's token count, and its metrics."""
+    def _micro_loss(self, ids, mask, rollout_lp, adv, old_lp, scale: losses.LossScale):
+        """Loss of one micro-batch, normalised by the mini-batch's counts (`scale`), and its metrics."""
         rl = self.rl
         with self.autocast():
             out = logprobs_of(self.policy, ids, mask, rl.sampling.temperature, with_entropy=rl.entropy_coef > 0)
@@ -199,7 +199,7 @@ class GRPOTrainer(RLRun):
             with torch.no_grad(), self.autocast():
                 ref_lp = logprobs_of(self.reference, ids, mask, rl.sampling.temperature)
         loss, pg_metrics = losses.policy_loss(rl.loss, lp, old, adv, mask, loss_options(rl), is_weights,
-                                              ref_logprobs=ref_lp, entropy=entropy, token_count=token_count)
+                                              ref_logprobs=ref_lp, entropy=entropy, agg=rl.loss_agg, scale=scale)
         metrics.update(pg_metrics)
         with torch.no_grad():  # engine vs trainer mismatch, logged whatever the IS setting
             metrics["logprob_abs_diff"] = float(((old - rollout_lp).abs() * mask).sum() / mask.sum().clamp(min=1))
@@ -229,13 +229,14 @@ class GRPOTrainer(RLRun):
         sums, weights, losses_ = defaultdict(float), defaultdict(float), []
         bounds = torch.linspace(0, n, rl.mini_batches + 1).round().long().tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            total = batch["mask"][lo:hi].sum().clamp(min=1).item()
+            scale = losses.LossScale(tokens=batch["mask"][lo:hi].sum().clamp(min=1).item(), sequences=hi - lo,
+                                     horizon=rl.sampling.max_tokens)
             for i in range(lo, hi, rl.micro_batch):
                 j = min(i + rl.micro_batch, hi)
                 mask = batch["mask"][i:j]
                 loss, metrics = self._micro_loss(batch["ids"][i:j], mask, batch["rollout_lp"][i:j], adv[i:j],
-                                                 None if old_all is None else old_all[i:j], total)
-                loss.backward()  # already divided by the mini-batch's token count: token-mean
+                                                 None if old_all is None else old_all[i:j], scale)
+                loss.backward()  # already normalised by the mini-batch's counts
                 losses_.append(loss.item())
                 for k, v in metrics.items():
                     if k.startswith("loss/"):  # already a share of the mini-batch's token-mean

@@ -2,10 +2,9 @@
 and truncated importance weights between the rollout engine's and the trainer's logprobs.
 
 Shapes: logprobs / old_logprobs / mask / is_weights are [B, T] over response tokens (mask True where
-a token is a real response token), advantages [B]. Losses are token-means over the whole batch:
-sum over every valid token / number of valid tokens, so long responses weigh by their length (DAPO's
-"token-mean"); pass `token_count` to divide by the global batch's count when a step is split into
-micro-batches or ranks.
+a token is a real response token), advantages [B]. Per-token terms become a loss by `rl.loss_agg`
+(LOSS_AGGREGATIONS: token_mean by default, DAPO's); pass a LossScale with the whole mini-batch's
+counts when a step is split into micro-batches or ranks.
 """
 from __future__ import annotations
 
@@ -64,26 +63,67 @@ def masked_token_mean(values: torch.Tensor, mask: torch.Tensor, token_count: Opt
     return (values * mask).sum() / denominator.clamp_min(1)
 
 
+@dataclass
+class LossScale:
+    """What a micro-batch's sums are divided by, counted over the whole mini-batch (every micro-batch
+    and rank), so that split or not the gradient is the same. None: this batch's own count."""
+    tokens: Optional[float] = None  # valid response tokens
+    sequences: Optional[float] = None  # responses
+    horizon: Optional[float] = None  # the longest a response may be (rl.sampling.max_tokens)
+
+
+def _token_mean(values, mask, scale: LossScale):
+    tokens = mask.sum() if scale.tokens is None else torch.as_tensor(scale.tokens, dtype=values.dtype)
+    return (values * mask).sum() / tokens.clamp_min(1)
+
+
+def _seq_mean_token_mean(values, mask, scale: LossScale):
+    per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    return per_sequence.sum() / (scale.sequences or values.shape[0])
+
+
+def _seq_mean_token_sum_norm(values, mask, scale: LossScale):
+    per_sequence = (values * mask).sum(-1) / (scale.horizon or values.shape[-1])
+    return per_sequence.sum() / (scale.sequences or values.shape[0])
+
+
+# How per-token terms become one loss (`rl.loss_agg`). token_mean: every token of the batch weighs the
+# same, so long responses weigh by their length (DAPO). seq_mean_token_mean: each response weighs the
+# same (GRPO as first published; long responses' tokens count less). seq_mean_token_sum_norm: token sums
+# over a fixed horizon (Dr. GRPO: no length bias in either direction).
+LOSS_AGGREGATIONS: dict[str, Callable] = {"token_mean": _token_mean, "seq_mean_token_mean": _seq_mean_token_mean,
+                                          "seq_mean_token_sum_norm": _seq_mean_token_sum_norm}
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean",
+              scale: Optional[LossScale] = None) -> torch.Tensor:
+    return LOSS_AGGREGATIONS[agg](values, mask, scale or LossScale())
+
+
 def policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, cfg=None, is_weights: Optional[torch.Tensor] = None, *,
                 ref_logprobs: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
-                token_count: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+                token_count: Optional[float] = None, agg: str = "token_mean",
+                scale: Optional[LossScale] = None) -> tuple[torch.Tensor, dict]:
     """(scalar loss, metrics). Adds kl_coef * KL(policy || reference) when `ref_logprobs` is given and
-    subtracts entropy_coef * entropy when `entropy` ([B, T], e.g. from entropy_from_logits) is."""
+    subtracts entropy_coef * entropy when `entropy` ([B, T], e.g. from entropy_from_logits) is. Every
+    term is aggregated by `agg` (LOSS_AGGREGATIONS) over `scale` (token_count: shorthand for
+    LossScale(tokens=token_count))."""
     options = _options(name, cfg)
     kl_coef, kl_kind, entropy_coef = options.pop("kl_coef"), options.pop("kl_kind"), options.pop("entropy_coef")
     mask = mask.bool()
+    scale = scale or LossScale(tokens=token_count)
     per_token, metrics = POLICY_LOSSES[name].fn(logprobs, old_logprobs.detach(), advantages.detach(), mask, **options)
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
-    loss = masked_token_mean(per_token, mask, token_count)
+    loss = aggregate(per_token, mask, agg, scale)
     metrics["loss/policy"] = float(loss.detach())
     if ref_logprobs is not None and kl_coef:
-        kl = masked_token_mean(kl_penalty(logprobs, ref_logprobs.detach(), mask, kl_kind), mask, token_count)
+        kl = aggregate(kl_penalty(logprobs, ref_logprobs.detach(), mask, kl_kind), mask, agg, scale)
         loss = loss + kl_coef * kl
         metrics["loss/kl"] = float(kl.detach())
     if entropy is not None:
-        ent = masked_token_mean(entropy, mask, token_count)
+        ent = aggregate(entropy, mask, agg, scale)
         if entropy_coef:
             loss = loss - entropy_coef * ent
         metrics["entropy"] = float(ent.detach())
