@@ -163,3 +163,37 @@ def test_bad_dpo_config_is_one_clear_error():
         keel.load_recipe(RECIPE, ["rl.dpo.pairs=pairs.jsonl"])
     with pytest.raises(ConfigError, match=r"rl\.dpo\.reference: expected one of"):
         keel.load_recipe(RECIPE, ["rl.dpo.reference=frozen"])
+
+
+def test_conversational_pairs_get_the_chat_template_and_eos(tmp_path):
+    """A conversational pair (TRL's format): the prompt through SmolLM2's real chat template with the
+    assistant header, each response ending with EOS; a text pair's responses get no EOS unless asked."""
+    from keel.data.tokenizer import Tokenizer
+    from keel.rl.preference import tokenize_pairs
+
+    tok = Tokenizer.load("smollm2")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "Name a colour."}],
+                                "chosen": [{"role": "assistant", "content": "Blue."}],
+                                "rejected": "Seven."}) + "\n")
+    pair = load_pairs(path)[0]
+    batch = tokenize_pairs([pair], tok)
+    prompt_text = tok.hf.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                             add_generation_prompt=True)
+    prompt = tok.encode(prompt_text)
+    for row, answer in ((0, "Blue."), (1, "Seven.")):
+        want = prompt + tok.encode(answer) + [tok.eos_id]
+        assert batch.input_ids[row, :len(want)].tolist() == want
+        assert batch.response_mask[row].nonzero().flatten().tolist() == list(range(len(prompt), len(want)))
+    text = PreferencePair("In the beginning", " God created", " the cat sat")
+    plain = tokenize_pairs([text], tok)
+    assert plain.input_ids[0, plain.response_mask[0]].tolist() == tok.encode(" God created")
+    ended = tokenize_pairs([text], tok, append_eos=True)
+    assert ended.input_ids[0, ended.response_mask[0]].tolist() == tok.encode(" God created") + [tok.eos_id]
+
+
+def test_malformed_conversational_pair_names_the_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'prompt' must be a non-empty list"):
+        load_pairs(path)

@@ -63,6 +63,9 @@ class DPOConfig:
     pairs_per_step: int = 8  # pairs per optimizer step
     max_prompt_tokens: int = 512  # longer prompts are cut from the left
     max_response_tokens: int = 512  # longer responses are cut from the right
+    # EOS after each response (as TRL does); null: for conversational pairs (chat messages) only, not for
+    # text pairs, whose responses continue the prompt's text
+    append_eos: Optional[bool] = None
 
 
 def build_dpo_config(raw) -> DPOConfig:
@@ -206,7 +209,8 @@ class DPOTrainer(RLRun):
         size = self.rl.micro_batch
         for start in range(0, len(pairs), size):
             chunk = pairs[start:start + size]
-            batch = tokenize_pairs(chunk, self.tokenizer, self.dpo.max_prompt_tokens, self.dpo.max_response_tokens)
+            batch = tokenize_pairs(chunk, self.tokenizer, self.dpo.max_prompt_tokens, self.dpo.max_response_tokens,
+                                   self.dpo.append_eos)
             batch.input_ids, batch.response_mask = batch.input_ids.to(self.device), batch.response_mask.to(self.device)
             yield len(chunk), batch
 

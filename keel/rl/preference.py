@@ -3,8 +3,14 @@
 A pairs file holds one JSON object per line: {"prompt": str, "chosen": str, "rejected": str}, plus
 optionally the reference model's summed response log-probabilities `ref_chosen_logp` and
 `ref_rejected_logp` (written by the DPO trainer when `rl.dpo.reference: cached`, so the reference
-runs once, not every step). The responses are continuations: a sequence is the prompt's tokens
-followed by the response's tokens, and only response tokens are scored.
+runs once, not every step). A sequence is the prompt's tokens followed by the response's tokens,
+and only response tokens are scored.
+
+Two kinds of pairs (TRL's two formats):
+- text: strings; the responses continue the prompt's text (no EOS appended unless asked).
+- conversational: "prompt" a list of chat messages ({"role", "content"}), "chosen" / "rejected" an
+  assistant message list (or a string). The prompt goes through the tokenizer's chat template with
+  the assistant header added, and each response ends with EOS, so the policy learns to end its turn.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -22,7 +28,7 @@ from keel.errors import DataError
 
 @dataclass
 class PreferencePair:
-    prompt: str
+    prompt: Union[str, list]  # text, or chat messages [{"role": ..., "content": ...}]
     chosen: str
     rejected: str
     ref_chosen_logp: Optional[float] = None
@@ -32,13 +38,41 @@ class PreferencePair:
     def has_reference(self) -> bool:
         return self.ref_chosen_logp is not None and self.ref_rejected_logp is not None
 
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _messages(value, where: str, key: str) -> list:
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str) for m in value):
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of {{\"role\": str, \"content\": str}} "
+                        f"messages, got {value!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _response(value, where: str, key: str) -> str:
+    """A response as text: a string, or the content of an assistant message list."""
+    if isinstance(value, list):
+        messages = _messages(value, where, key)
+        if any(m["role"] != "assistant" for m in messages):
+            raise DataError(f"{where}: field {key!r} must hold assistant messages only")
+        value = "".join(m["content"] for m in messages)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string or a list of assistant messages, got {value!r}")
+    if not value:
+        raise DataError(f"{where}: chosen and rejected must be non-empty")
+    return value
+
 
 def _pair_from_json(obj: dict, where: str) -> PreferencePair:
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(obj.get(key), str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {obj.get(key)!r}")
-    if not obj["chosen"] or not obj["rejected"]:
-        raise DataError(f"{where}: chosen and rejected must be non-empty")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, where, "prompt")
+    elif not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of chat messages, got {prompt!r}")
+    obj = {**obj, "prompt": prompt, "chosen": _response(obj.get("chosen"), where, "chosen"),
+           "rejected": _response(obj.get("rejected"), where, "rejected")}
     refs = {}
     for key in ("ref_chosen_logp", "ref_rejected_logp"):
         value = obj.get(key)
@@ -124,20 +158,34 @@ class PairBatch:
         return self.input_ids.shape[0] // 2
 
 
+def _prompt_ids(pair: PreferencePair, tokenizer, max_prompt_tokens: int) -> list[int]:
+    if pair.conversational:
+        if not tokenizer.chat_template:
+            raise DataError(f"pair {pair.prompt[0]['content'][:40]!r}: a conversational pair needs a tokenizer "
+                            f"with a chat template; {tokenizer.name} has none")
+        text = tokenizer.hf.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text)[-max_prompt_tokens:]
+    return tokenizer.encode(pair.prompt)[-max_prompt_tokens:] if pair.prompt else []
+
+
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_prompt_tokens: int = 1024,
-                   max_response_tokens: int = 1024) -> PairBatch:
+                   max_response_tokens: int = 1024, append_eos: Optional[bool] = None) -> PairBatch:
     """Token ids of every (prompt + chosen) and (prompt + rejected). Prompts keep their last
-    `max_prompt_tokens` tokens (the end is what the continuation follows), responses their first."""
+    `max_prompt_tokens` tokens (the end is what the continuation follows), responses their first.
+    append_eos: EOS after each response (counted in max_response_tokens); None: for conversational
+    pairs only (a text pair's response is a continuation, not an ending)."""
     pad = tokenizer.pad_id
     rows, masks = [], []
     for field_name in ("chosen", "rejected"):
         for pair in pairs:
-            prompt = tokenizer.encode(pair.prompt)[-max_prompt_tokens:] if pair.prompt else []
+            prompt = _prompt_ids(pair, tokenizer, max_prompt_tokens)
             if tokenizer.bos_id is not None and not prompt:
                 prompt = [tokenizer.bos_id]  # the first response token needs something to follow
-            response = tokenizer.encode(getattr(pair, field_name))[:max_response_tokens]
+            eos = pair.conversational if append_eos is None else append_eos
+            response = tokenizer.encode(getattr(pair, field_name))[:max_response_tokens - int(eos)]
+            response += [tokenizer.eos_id] if eos else []
             if not prompt or not response:
-                raise DataError(f"pair {pair.prompt[:40]!r}: prompt and {field_name} must both tokenise to "
+                raise DataError(f"pair {str(pair.prompt)[:40]!r}: prompt and {field_name} must both tokenise to "
                                 "at least one token")
             rows.append(prompt + response)
             masks.append([False] * len(prompt) + [True] * len(response))
