@@ -209,6 +209,9 @@ def test_truncated_is_weights():
     close(w, [[3.0, 0.6, 1.5], [0.0, 0.0, 0.0]])
     assert m["is/veto_fraction"] == pytest.approx(0.5)
     assert m["is/fraction_capped"] == pytest.approx(2 / 5)  # 0.5 -> 0.6 and 1e-5 -> 0.6
+    # the lower bound as a mask: the 0.5 token leaves the gradient instead of being lifted to 0.6
+    w, _ = truncated_is_weights(trainer, rollout, mask, cap=(0.6, 5.0), low_mode="mask")
+    close(w, [[3.0, 0.0, 1.5], [1.0, 0.0, 0.0]])
     with pytest.raises(ConfigError, match="rl.is_cap"):
         truncated_is_weights(trainer, rollout, mask, cap=(2.0, 1.0))
 

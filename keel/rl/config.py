@@ -80,6 +80,7 @@ class RLConfig:
     # clipped to [is_cap_low, is_cap] (is_cap 0: off); a sequence with a ratio below is_veto is dropped.
     is_cap: float = 2.0
     is_cap_low: float = 0.0  # lower clip of the importance weights (0: none)
+    is_low_mode: Literal["clip", "mask"] = "clip"  # below is_cap_low: lift the weight to it, or drop the token (weight 0)
     is_veto: Optional[float] = None  # drop a sequence whose token ratio falls below this (None: never)
     kl_coef: float = 0.0  # > 0: KL to a frozen copy of the starting policy
     kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3

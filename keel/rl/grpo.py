@@ -193,7 +193,7 @@ class GRPOTrainer(RLRun):
         is_weights, metrics = None, {}
         if rl.is_cap > 0:  # trainer vs rollout engine: correct the mismatch, truncated at is_cap
             cap = (rl.is_cap_low, rl.is_cap) if rl.is_cap_low > 0 else rl.is_cap
-            is_weights, metrics = losses.truncated_is_weights(old, rollout_lp, mask, cap, rl.is_veto)
+            is_weights, metrics = losses.truncated_is_weights(old, rollout_lp, mask, cap, rl.is_veto, rl.is_low_mode)
         ref_lp = None
         if self.reference is not None:
             with torch.no_grad(), self.autocast():

@@ -185,11 +185,14 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
-                         cap=2.0, veto: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+                         cap=2.0, veto: Optional[float] = None, low_mode: str = "clip") -> tuple[torch.Tensor, dict]:
     """Token-level truncated importance weights pi_trainer / pi_rollout (detached), correcting for the
     rollout engine sampling from slightly different numerics than the trainer.
 
-    `cap` is the upper bound, or a (low, high) pair (GoLongRL clips to [0.5, 5.0]). `veto`: a
+    `cap` is the upper bound, or a (low, high) pair (GoLongRL clips to [0.5, 5.0]). Below `low`,
+    low_mode "clip" lifts a weight up to low; "mask" sets it to 0 (the token leaves the gradient: a
+    token the trainer finds far less likely than the engine did is treated as a mismatch, not
+    up-weighted). `veto`: a
     sequence with any token ratio below it gets weight 0 (verl's catastrophic-mismatch veto; GoLongRL
     uses 1e-4). Weights are 0 outside `mask`. Metrics (unprefixed; the trainer logs them under is/):
     is/weight_mean / is/weight_max over valid tokens, is/fraction_capped, is/veto_fraction (grouped
@@ -202,7 +205,11 @@ def truncated_is_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch
     with torch.no_grad():
         log_ratio = (trainer_logprobs - rollout_logprobs).float().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         raw = torch.exp(log_ratio)
+        if low_mode not in ("clip", "mask"):
+            raise ConfigError(f"rl.is_low_mode: expected clip or mask, got {low_mode!r}")
         weights = raw.clamp(low, high)
+        if low_mode == "mask":
+            weights = torch.where(raw < low, torch.zeros_like(weights), weights)
         capped = ((raw > high) | (raw < low)) & mask
         metrics = {}
         if veto is not None:
