@@ -51,6 +51,19 @@ def test_refilled_slots_match_full_forwards():
     assert [r.tokens for r in again] == [r.tokens for r in rollouts]
 
 
+def test_samples_of_a_prompt_share_one_prefill():
+    """n = 4 samples of each of 5 prompts through 3 slots (so a prompt's samples land in different
+    refills): 5 prefills, not 20, and every sample's logprobs still equal a full forward."""
+    model = _tiny_model(1)
+    prompts = _prompts(5, seed=2)
+    engine = NativeEngine(model, max_batch=3)
+    rollouts = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=1.0, stop_ids=(5,), n=4, seed=1))
+    assert engine.prefills == 5
+    for r in rollouts:
+        ref = _teacher_forced_logprobs(model, prompts[r.prompt_index], r.tokens)
+        torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_greedy_matches_plain_generate():
     model = _tiny_model(3)
     prompts = _prompts(9, seed=5)

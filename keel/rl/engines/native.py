@@ -9,6 +9,8 @@ write position for all rows, and each row's real tokens are marked in `cache.val
 prompt's first p-1 tokens are prefilled in a small side batch, and their keys/values (already
 rotated for positions 0..p-2) are copied into the row just before the write position, with the
 row's older entries marked invalid; its last prompt token is then fed by the next decode step.
+A prompt is prefilled once for all its n samples: its keys/values are kept until its last sample
+has a row (samples of a prompt are queued together, so few prompts are ever kept at once).
 RoPE positions come from counting valid entries, so the new sequence sees exactly itself. When
 the write position reaches the end of the cache, rows are shifted left together (compaction).
 Works on CPU and GPU; results are deterministic for a given seed and prompt list.
@@ -51,6 +53,7 @@ class NativeEngine:
         self.cpu_threads = cpu_threads  # 0: leave torch's setting alone
         self.version = 0
         self.device = model.tok_embeddings.weight.device
+        self.prefills = 0  # prompts prefilled so far: once per prompt, whatever its number of samples
 
     @classmethod
     def from_policy(cls, policy: torch.nn.Module, rl_cfg, device=None):
@@ -116,7 +119,8 @@ class NativeEngine:
             slots.owner.append(-1)
             slots.tokens.append([])
             slots.logprobs.append([])
-        self._refill(cache, rows, [waiting.popleft() for _ in rows], requests, slots, inputs)
+        prefilled: dict = {}
+        self._refill(cache, rows, [waiting.popleft() for _ in rows], requests, slots, inputs, prefilled, sampling.n)
 
         while slots.owner:
             if cache.length + 1 > cache.max_len:
@@ -143,38 +147,64 @@ class NativeEngine:
                 continue
             refill = finished[:len(waiting)]
             if refill:
-                self._refill(cache, refill, [waiting.popleft() for _ in refill], requests, slots, inputs)
+                self._refill(cache, refill, [waiting.popleft() for _ in refill], requests, slots, inputs,
+                             prefilled, sampling.n)
             gone = finished[len(refill):]
             if gone:
                 inputs = self._drop_rows(cache, gone, slots, inputs)
         return results  # type: ignore[return-value]
 
     def _refill(self, cache: KVCache, rows: list[int], reqs: list[int], requests, slots: _Slots,
-                inputs: torch.Tensor) -> None:
-        """Place requests `reqs` into `rows`: prefill all but their last prompt token."""
-        prompts = [requests[r][1] for r in reqs]
-        heads = [p[:-1] for p in prompts]
-        width = max(len(h) for h in heads)
+                inputs: torch.Tensor, prefilled: dict, n_samples: int) -> None:
+        """Place requests `reqs` into `rows`: all but their last prompt token come from the cache's
+        keys/values of that prompt, prefilled once for all n samples of it (`prefilled`: prompt index
+        -> [keys, values, samples not yet placed], kept only while some sample still waits)."""
         row_index = torch.tensor(rows, device=self.device)
         cache.valid[row_index] = False
-        if width:
-            side = KVCache.for_model(self.model, len(rows), width)
-            ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-            valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
-            for i, h in enumerate(heads):
-                if h:
-                    ids[i, width - len(h):] = torch.tensor(h, device=self.device)
-                    valid[i, width - len(h):] = True
-            side.append_valid(valid)
-            self.model.hidden_states(ids, cache=side)  # fills side's keys/values; logits not needed
-            start = cache.length - width
-            for layer in range(len(cache.k)):
-                cache.k[layer][row_index, :, start:cache.length] = side.k[layer]
-                cache.v[layer][row_index, :, start:cache.length] = side.v[layer]
-            cache.valid[row_index, start:cache.length] = valid
-        for row, req, prompt in zip(rows, reqs, prompts):
+        new = {requests[r][0]: requests[r][1] for r in reqs if requests[r][0] not in prefilled}
+        self._prefill(new, n_samples, prefilled)
+        for row, req in zip(rows, reqs):
+            prompt_index, prompt = requests[req]
+            entry = prefilled[prompt_index]
+            keys, values = entry[0], entry[1]
+            length = keys[0].shape[2] if keys else 0
+            if length:
+                start = cache.length - length
+                for layer in range(len(cache.k)):
+                    cache.k[layer][row, :, start:cache.length] = keys[layer][0]
+                    cache.v[layer][row, :, start:cache.length] = values[layer][0]
+                cache.valid[row, start:cache.length] = True
+            entry[2] -= 1
+            if entry[2] == 0:  # the prompt's last sample is placed: its prefill is no longer needed
+                del prefilled[prompt_index]
             slots.owner[row], slots.tokens[row], slots.logprobs[row] = req, [], []
             inputs[row] = prompt[-1]
+
+    def _prefill(self, new: dict, n_samples: int, prefilled: dict) -> None:
+        """One side batch over the heads (all tokens but the last) of `new` prompts (index -> ids)."""
+        if not new:
+            return
+        prompt_indices = list(new)
+        heads = [new[i][:-1] for i in prompt_indices]
+        width = max(len(h) for h in heads)
+        self.prefills += len(prompt_indices)
+        if not width:
+            for i in prompt_indices:
+                prefilled[i] = [[], [], n_samples]
+            return
+        side = KVCache.for_model(self.model, len(heads), width)
+        ids = torch.zeros(len(heads), width, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(heads), width, dtype=torch.bool, device=self.device)
+        for i, h in enumerate(heads):
+            if h:
+                ids[i, width - len(h):] = torch.tensor(h, device=self.device)
+                valid[i, width - len(h):] = True
+        side.append_valid(valid)
+        self.model.hidden_states(ids, cache=side)  # fills side's keys/values; logits not needed
+        for i, (prompt_index, h) in enumerate(zip(prompt_indices, heads)):
+            cut = slice(width - len(h), width)  # right-aligned: this prompt's own entries
+            prefilled[prompt_index] = [[k[i:i + 1, :, cut].clone() for k in side.k],
+                                       [v[i:i + 1, :, cut].clone() for v in side.v], n_samples]
 
     def _drop_rows(self, cache: KVCache, gone: list[int], slots: _Slots, inputs: torch.Tensor) -> torch.Tensor:
         keep = [r for r in range(len(slots.owner)) if r not in set(gone)]
