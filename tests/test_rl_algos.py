@@ -253,3 +253,22 @@ def test_unknown_loss_agg_is_one_line():
 
     with pytest.raises(ConfigError, match="rl.loss_agg"):
         keel.load_recipe(REPO / "recipes" / "rl" / "grpo-tiny.yaml", ["rl.loss_agg=seq_mean"])
+
+
+def test_encoded_prompt_cache_is_bounded(monkeypatch):
+    """A long run sees millions of prompts: only the most recent ENCODED_PROMPTS_KEPT stay encoded."""
+    from types import SimpleNamespace
+
+    from keel.rl import grpo
+
+    monkeypatch.setattr(grpo, "ENCODED_PROMPTS_KEPT", 3)
+    encoded = []
+    trainer = grpo.GRPOTrainer.__new__(grpo.GRPOTrainer)
+    trainer._encoded = grpo.OrderedDict()
+    trainer.rl = SimpleNamespace(chat_template=False, max_prompt_tokens=100)
+    trainer.tokenizer = SimpleNamespace(chat_template=None,
+                                        encode=lambda text: encoded.append(text) or [len(text)])
+    for text in ["a", "bb", "a", "ccc", "dddd", "a", "bb"]:
+        assert trainer.encode_prompt(text) == [len(text)]
+    assert list(trainer._encoded) == ["dddd", "a", "bb"]
+    assert encoded == ["a", "bb", "ccc", "dddd", "bb"]  # "a" stayed recent enough to be reused

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
@@ -242,7 +243,7 @@ class OPDTrainer(RLRun):
         self.opd = build_opd_config(rl.opd)
         self.camopd = self.opd.camopd
         self.schedule = AlternatingSchedule(self.camopd.n_general) if self.camopd else None
-        self.stop_ids, self._encoded = self._stop_ids(), {}
+        self.stop_ids, self._encoded = self._stop_ids(), OrderedDict()
         self.engine = build_engine(rl.engine, self.policy, rl)  # a plain copy: LoRA is merged on sync
         if self.opd.lora is not None:
             apply_lora(self.policy, self.opd.lora, "rl.opd.lora")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -27,6 +27,8 @@ from keel.rl.prompts import load_prompts
 from keel.rl.rewards import get_reward
 from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import logprobs_of
+
+ENCODED_PROMPTS_KEPT = 4096  # token ids of the most recently used prompts, for their n samples and evals
 
 
 @register_rl_trainer("grpo")
@@ -47,7 +49,7 @@ class GRPOTrainer(RLRun):
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         rl = self.rl
-        self._encoded: dict = {}
+        self._encoded: OrderedDict = OrderedDict()  # recently encoded prompts (a prompt's samples, eval)
         self.prompts = PromptStream(self.fitting_prompts(load_prompts(rl.prompts), "rl.prompts"), self.cfg.train.seed)
         self.eval_items = self.fitting_prompts(load_prompts(rl.eval_prompts), "rl.eval_prompts") if rl.eval_prompts else []
         self.stop_ids = self._stop_ids()
@@ -83,15 +85,19 @@ class GRPOTrainer(RLRun):
         return kept
 
     def encode_prompt(self, text: str, truncate: bool = True) -> list[int]:
-        if text not in self._encoded:
+        ids = self._encoded.get(text)
+        if ids is None:
             wrapped = text
             if self.rl.chat_template and self.tokenizer.chat_template:
                 turns = [{"role": "user", "content": text}]
                 if self.rl.system_prompt is not None:
                     turns.insert(0, {"role": "system", "content": self.rl.system_prompt})
                 wrapped = self.tokenizer.hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            self._encoded[text] = self.tokenizer.encode(wrapped)
-        ids = self._encoded[text]
+            ids = self._encoded[text] = self.tokenizer.encode(wrapped)
+            if len(self._encoded) > ENCODED_PROMPTS_KEPT:  # bounded: a long run sees millions of prompts
+                self._encoded.popitem(last=False)
+        else:
+            self._encoded.move_to_end(text)
         return ids[-self.rl.max_prompt_tokens:] if truncate else ids  # truncate_left cuts from the left
 
     def state_dict(self) -> dict:
