@@ -191,3 +191,31 @@ def test_camopd_trainer_alternates_selects_and_resumes_exactly(tmp_path, tiny_mo
     for name, value in w_straight.items():
         torch.testing.assert_close(w_resumed[name], value, rtol=0, atol=1e-7, msg=name)
     assert not math.isclose(rows[0]["loss"], rows[-1]["loss"])
+
+
+def test_teachers_and_student_score_in_micro_batches_like_all_at_once():
+    """Scoring a step's batch `micro_batch` rows at a time (memory bounded by the micro-batch) gives
+    the one-forward result, routed rows and full-vocabulary rows included."""
+    from keel.model.backbone import Transformer, TransformerConfig
+    from keel.rl.distill import pack_rollouts, student_scores, teacher_scores
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = Transformer(TransformerConfig(vocab_size=48, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64))
+        m.init_weights()
+        return m.eval()
+
+    teachers = {"a": model(1), "b": model(2)}
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 48, (int(n),), generator=g).tolist() for n in torch.randint(2, 7, (7,), generator=g)]
+    responses = [torch.randint(0, 48, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (7,), generator=g)]
+    batch = pack_rollouts(prompts, responses, ["a", "b", "a", "a", "b", "b", "a"], pad_id=0)
+    with torch.no_grad():
+        whole, whole_full = teacher_scores(teachers, batch, full=True)
+        parts, parts_full = teacher_scores(teachers, batch, full=True, micro_batch=2)
+        torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(parts_full, whole_full, atol=1e-5, rtol=1e-5)
+        student = model(3)
+        from keel.rl.scoring import response_logprobs
+        ref = response_logprobs(student, batch.input_ids, batch.response_mask)[0]
+        torch.testing.assert_close(student_scores(student, batch, 3), ref.float(), atol=1e-5, rtol=1e-5)

@@ -184,20 +184,35 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 
 @torch.no_grad()
-def teacher_scores(teachers: dict, batch: DistillBatch, full: bool = False):
+def teacher_scores(teachers: dict, batch: DistillBatch, full: bool = False, micro_batch: Optional[int] = None):
     """Teacher token logps [B, L] (each row under its own routed teacher) and, with `full`, the
-    teachers' log-softmax rows [N, V] in the batch's row-major token order."""
+    teachers' log-softmax rows [N, V] in the batch's row-major token order. Rows are scored
+    `micro_batch` at a time (None: all of a teacher's rows at once), so a step's batch never has to
+    fit one forward."""
     token_logps = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     full_rows: list = [None] * len(batch.teachers)
     for name in sorted(set(batch.teachers)):
-        rows = [i for i, t in enumerate(batch.teachers) if t == name]
-        sub = batch.rows(rows)
-        lp, lp_full = response_logprobs(teachers[name], sub.input_ids, sub.response_mask, full)
-        token_logps[torch.tensor(rows)] = lp.float()
-        if full:
-            for row, chunk in zip(rows, lp_full.split(sub.response_mask.sum(-1).tolist())):
-                full_rows[row] = chunk
+        mine = [i for i, t in enumerate(batch.teachers) if t == name]
+        size = micro_batch or len(mine)
+        for start in range(0, len(mine), size):
+            rows = mine[start:start + size]
+            sub = batch.rows(rows)
+            lp, lp_full = response_logprobs(teachers[name], sub.input_ids, sub.response_mask, full)
+            token_logps[torch.tensor(rows)] = lp.float()
+            if full:
+                for row, chunk in zip(rows, lp_full.split(sub.response_mask.sum(-1).tolist())):
+                    full_rows[row] = chunk
     return token_logps, (torch.cat(full_rows) if full else None)
+
+
+def student_scores(student: torch.nn.Module, batch: DistillBatch, micro_batch: int) -> torch.Tensor:
+    """The student's token logps [B, L], `micro_batch` rows at a time."""
+    parts = []
+    for start in range(0, batch.input_ids.shape[0], micro_batch):
+        rows = list(range(start, min(start + micro_batch, batch.input_ids.shape[0])))
+        sub = batch.rows(rows)
+        parts.append(response_logprobs(student, sub.input_ids, sub.response_mask)[0].float())
+    return torch.cat(parts)
 
 
 def distill_loss_sum(student: torch.nn.Module, teachers: dict, batch: DistillBatch, signal: str,
@@ -298,13 +313,13 @@ class OPDTrainer(RLRun):
                                                      (self.cfg.train.seed * 1_000_003 + self.step) * 97)
         rollout_s = time.perf_counter() - t0
         with torch.no_grad(), self.autocast():  # teachers score in the precision the student trains in
-            teacher_logps, _ = teacher_scores(self.teachers, batch)
+            teacher_logps, _ = teacher_scores(self.teachers, batch, micro_batch=rl.micro_batch)
         keep = self.camopd.keep_fraction if self.camopd else 1.0
         if rl.sampling.temperature == 1.0:  # the engine's log-probs are the student's own
             student_logps = engine_logps
         else:
             with torch.no_grad():
-                student_logps, _ = response_logprobs(self.policy, batch.input_ids, batch.response_mask)
+                student_logps = student_scores(self.policy, batch, rl.micro_batch)
         mask = batch.response_mask.float()
         scores = gap_scores(student_logps, teacher_logps, mask)
         kept = select_by_gap(scores.cpu(), keep).tolist()
