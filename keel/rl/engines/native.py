@@ -131,8 +131,9 @@ class NativeEngine:
             # behaviour policy that truncated importance sampling corrects for.
             nxt, logprobs = sample_with_logprobs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
                                                  generator)
-            stopped = torch.isin(nxt, stop).tolist()
-            nxt_list, lp_list = nxt.tolist(), logprobs.tolist()
+            # One device -> host transfer per decoded token (float64 holds token ids exactly).
+            host = torch.stack([nxt.double(), torch.isin(nxt, stop).double(), logprobs.double()]).tolist()
+            nxt_list, stopped, lp_list = [int(t) for t in host[0]], [bool(x) for x in host[1]], host[2]
             finished = []
             for row, (tok, lp) in enumerate(zip(nxt_list, lp_list)):
                 slots.tokens[row].append(tok)
