@@ -7,6 +7,7 @@ The first DeepSpeed run on a machine JIT-compiles DeepSpeed's shm_comm op (~90 s
 TORCH_EXTENSIONS_DIR); every later run takes ~10-20 s.
 """
 import json
+import re
 import shutil
 import sys
 
@@ -35,6 +36,9 @@ RUNS = {
 LOGIT_ATOL = 1e-5  # keel.load vs transformers on the exported folder (measured: 0)
 
 
+STDOUT = {}  # layout name -> what its training run printed
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Trains a layout once per module (5 steps, checkpoints at steps 3 and 5); returns its run dir."""
@@ -43,9 +47,9 @@ def run(tmp_path_factory):
     def get(name):
         if name not in done:
             nproc, extra = RUNS[name]
-            run_keel(["train", str(TINY_RECIPE), *small_run_overrides(root / name, **{**COMMON, **extra})],
-                     nproc=nproc)
-            done[name] = root / name
+            proc = run_keel(["train", str(TINY_RECIPE), *small_run_overrides(root / name, **{**COMMON, **extra})],
+                            nproc=nproc)
+            done[name], STDOUT[name] = root / name, proc.stdout
         return done[name]
     return get
 
@@ -63,6 +67,21 @@ def test_zero_matches_single_process(run, layout):
     assert meta["engine"] == "deepspeed" and meta["zero_stage"] == RUNS[layout][1]["parallel.zero_stage"]
     ds_files = sorted(p.name for p in (run(layout) / "checkpoints" / "step_5" / "deepspeed").iterdir())
     assert any("optim_states" in f for f in ds_files), ds_files  # DeepSpeed's own sharded files
+
+
+@pytest.mark.distributed
+def test_zero3_builds_each_rank_only_its_partition(run):
+    """ZeRO-3 builds the model under deepspeed.zero.Init: each of the 2 ranks allocates half of the
+    parameter elements (DeepSpeed pads each parameter to a multiple of the world size), and the
+    initial weights are one process's: the losses and weights track the torch engine's."""
+    assert_same_training(run("single"), run("z3"))
+    held = re.findall(r"ZeRO-3 model built under zero\.Init: rank (\d) holds (\d+) of (\d+) parameter elements",
+                      STDOUT["z3"])
+    assert sorted(int(r) for r, _, _ in held) == [0, 1], STDOUT["z3"][-2000:]
+    total = int(held[0][2])
+    n_params = len(keel.load(run("z3")).state_dict())
+    for _, mine, of in held:
+        assert int(of) == total and total / 2 <= int(mine) <= total / 2 + n_params, held
 
 
 @pytest.mark.distributed

@@ -280,6 +280,71 @@ def _dtensor_worker():
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
+def test_sharded_muon_splits_newton_schulz_work_between_ranks():
+    """2 gloo ranks, 7 sharded matrices on a flat mesh and on 2-D (HSDP-like) meshes: each step every
+    matrix is orthogonalised exactly once, by one rank (4 on one rank, 3 on the other), and the
+    weights still equal the same steps on plain full tensors, bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", __file__, "ns5"], capture_output=True, text=True, env=env,
+                          timeout=180, check=False)
+    assert proc.returncode == 0 and proc.stdout.count("ns5 split ok") == 2, \
+        proc.stdout[-2000:] + proc.stderr[-4000:]
+    print(proc.stdout)
+
+
+def _ns5_split_worker():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from keel.train import muon
+
+    dist.init_process_group("gloo")
+    flat = init_device_mesh("cpu", (2,))
+    hsdp = init_device_mesh("cpu", (1, 2), mesh_dim_names=("rep", "shard"))
+    rows = init_device_mesh("cpu", (2, 1), mesh_dim_names=("a", "b"))
+    torch.manual_seed(0)
+    full, sharded = [], []
+    for shape, mesh, pl in [((10, 6), flat, [Shard(0)]), ((6, 9), flat, [Shard(1)]), ((5, 5), flat, [Replicate()]),
+                            ((7, 4), hsdp, [Replicate(), Shard(0)]), ((4, 8), hsdp, [Replicate(), Shard(1)]),
+                            ((9, 3), rows, [Shard(0), Replicate()]), ((3, 11), rows, [Shard(1), Replicate()])]:
+        w = torch.randn(shape)
+        full.append(torch.nn.Parameter(w.clone()))
+        sharded.append(torch.nn.Parameter(distribute_tensor(w, mesh, pl, src_data_rank=None)))
+    opt_full, opt_sharded = Muon(full, lr=0.05, weight_decay=0.1), Muon(sharded, lr=0.05, weight_decay=0.1)
+    calls = [0]
+    ns5 = muon.newton_schulz5
+
+    def counting_ns5(*args, **kwargs):
+        calls[0] += 1
+        return ns5(*args, **kwargs)
+
+    per_step = []
+    for step in range(3):
+        for p, q in zip(full, sharded):
+            p.grad = torch.randn(p.shape)
+            q.grad = distribute_tensor(p.grad, q.device_mesh, q.placements, src_data_rank=None)
+        opt_full.step()
+        calls[0] = 0
+        muon.newton_schulz5 = counting_ns5
+        try:
+            opt_sharded.step()
+        finally:
+            muon.newton_schulz5 = ns5
+        counts = [None, None]
+        dist.all_gather_object(counts, calls[0])
+        assert sorted(counts) == [3, 4], counts  # 7 matrices, each orthogonalised once
+        per_step.append(calls[0])
+    for p, q in zip(full, sharded):
+        assert torch.equal(q.full_tensor(), p.detach()), (q.placements, (q.full_tensor() - p).abs().max())
+        assert torch.equal(opt_sharded.state[q]["momentum_buffer"].full_tensor(),
+                           opt_full.state[p]["momentum_buffer"])
+    print(f"rank {dist.get_rank()}: NS5 calls per step {per_step} of 7; ns5 split ok", flush=True)
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ the trainer
 
 MUON = {"optim.name": "muon", "optim.muon_lr": 0.02, "optim.muon_weight_decay": 0.1, "checkpoint.every": 3}
@@ -334,5 +399,5 @@ def test_muon_state_resumes_bit_identically_after_sigkill(single_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-if __name__ == "__main__":  # one rank of test_muon_on_dtensors_equals_muon_on_full_tensors
-    _dtensor_worker()
+if __name__ == "__main__":  # one rank of a multi-process test above
+    _ns5_split_worker() if sys.argv[1:] == ["ns5"] else _dtensor_worker()

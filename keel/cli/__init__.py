@@ -1,4 +1,4 @@
-"""`keel train|rl|generate|config|data|import|export|fetch|plot|plan|env|slurm ...` — the command line.
+"""`keel train|init|rl|generate|config|data|import|export|fetch|plot|plan|env|slurm ...` — the command line.
 
 Each verb lives in its own module here and adds its parser; keel/cli is the only layer above keel.rl.
 

@@ -8,6 +8,15 @@ micro-batches per step) on the loss scaled by dp_size / global tokens, as DeepSp
 ranks: the update equals one process's. Clipping is DeepSpeed's (keel's formula); a non-finite
 gradient norm makes ZeRO skip the update, which keel's train.nonfinite policy then handles.
 
+ZeRO-3 builds the model under `deepspeed.zero.Init`: each module's parameters are partitioned as
+soon as it is constructed, so no rank ever holds the whole model. keel's `init_weights()` then runs
+on the partitioned model under `_PartitionedInit`: each in-place fill of a parameter (normal_,
+ones_, zeros_) is done on a whole-size temporary, drawn from train.seed as one process draws it,
+and each rank keeps its partition (one parameter at a time, no communication), so the initial
+weights equal the other engines'. The optimizer's groups are formed again on the parameters'
+whole shapes (weight decay skips 1-D ones; a partition is 1-D). With `model.init_from` the model
+is still built whole and loaded before ZeRO partitions it at `deepspeed.initialize`.
+
 Checkpoints keep keel's layout and atomic protocol (step_N/ with trainer.json marked
 `"engine": "deepspeed"`, rng/, config.yaml, COMPLETE; written as .tmp_step_N, then renamed) with
 DeepSpeed's files in step_N/deepspeed/. keel.load / `keel export hf` consolidate them with
@@ -16,6 +25,7 @@ to or from keel's torch engine, weights and AdamW state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from keel.checkpoint.dcp import load_model_weights
 from keel.checkpoint.deepspeed import DS_TAG, _quiet, import_deepspeed
@@ -33,6 +44,7 @@ from keel.config import deep_merge
 from keel.errors import ConfigError
 from keel.model.registry import build_model
 from keel.train import faults, parallel
+from keel.train.optim import build_optimizer
 from keel.train.trainer import Trainer
 
 
@@ -81,6 +93,62 @@ def generate_ds_config(cfg, dp_size: int) -> dict:
     return merged
 
 
+def _init_single_process_group(device: torch.device) -> None:
+    """One process: DeepSpeed still wants a process group (else it tries MPI discovery)."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
+class _PartitionedInit(TorchDispatchMode):
+    """In-place writes to ZeRO-3 partitioned parameters (their `.data` is empty), made whole.
+
+    The op runs on a temporary of the parameter's full shape, on the training device (the same
+    generator draws as one process's), and this rank copies its partition into `ds_tensor`: the
+    flat parameter cut in `ds_tensor.ds_numel`-sized pieces by rank, as DeepSpeed partitions.
+    """
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else None
+        if (getattr(target, "ds_tensor", None) is None or target.numel() != 0
+                or not func._overloadpacket.__name__.endswith("_")):
+            return func(*args, **kwargs)
+        part = target.ds_tensor
+        whole = torch.empty(target.ds_shape, dtype=part.dtype, device=self.device)
+        func(whole, *args[1:], **kwargs)
+        start = part.ds_numel * dist.get_rank(group=target.ds_process_group)
+        count = max(0, min(part.ds_numel, target.ds_numel - start))
+        part.narrow(0, 0, count).copy_(whole.view(-1).narrow(0, start, count))
+        return target
+
+
+def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The ZeRO-3 parameters of `model` that now hold only this rank's partition (empty `.data`)."""
+    return [p for p in model.parameters() if getattr(p, "ds_tensor", None) is not None and p.numel() == 0]
+
+
+@contextlib.contextmanager
+def _whole_shapes(model: torch.nn.Module):
+    """Partitioned parameters shaped as their whole tensors (zero-memory expanded views) for code
+    that reads shapes only, like keel's weight-decay grouping (a 1-D parameter gets no decay)."""
+    saved = [(p, p.data) for p in _partitioned(model)]
+    for p, data in saved:
+        p.data = torch.empty((), dtype=data.dtype, device=data.device).expand(p.ds_shape)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 class DeepSpeedTrainer(Trainer):
     """keel's Trainer with the model and optimizer wrapped in a DeepSpeed ZeRO engine."""
 
@@ -94,27 +162,49 @@ class DeepSpeedTrainer(Trainer):
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (ZeRO partitions them)
-        model = build_model(cfg.model, "meta")
-        model.to_empty(device=self.dist.device)
-        if getattr(cfg.model, "init_from", None):
-            model.init_buffers()
-            load_model_weights(resolve_checkpoint(cfg.model.init_from), model)
+        init_from = getattr(cfg.model, "init_from", None)
+        if cfg.parallel.zero_stage == 3 and not init_from:
+            model = self._build_partitioned()
         else:
-            model.init_weights()
+            model = build_model(cfg.model, "meta")
+            model.to_empty(device=self.dist.device)
+            if init_from:
+                model.init_buffers()
+                load_model_weights(resolve_checkpoint(init_from), model)
+            else:
+                model.init_weights()
         parallel.apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
         if cfg.parallel.compile:
             parallel.apply_compile(model)
         self.autocast = False  # DeepSpeed's bf16 mode casts the weights itself
         return model
 
+    def _build_partitioned(self) -> torch.nn.Module:
+        """ZeRO-3: built under zero.Init (each rank allocates its partitions only), then initialised."""
+        cfg, device = self.cfg, self.dist.device
+        deepspeed = import_deepspeed()
+        _init_single_process_group(device)
+        # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize would set up.
+        deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo", dist_init_required=False)
+        config = generate_ds_config(cfg, self.dp_size)
+        with _quiet(stderr=False), deepspeed.zero.Init(config_dict_or_path=config):
+            model = build_model(cfg.model, device)
+        torch.manual_seed(cfg.train.seed)  # the constructors drew; one process's init starts at the seed
+        with torch.no_grad(), _PartitionedInit(device):
+            model.init_weights()
+        params = list(model.parameters())
+        held, total = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+        print(f"deepspeed: ZeRO-3 model built under zero.Init: rank {self.dist.rank} holds {held} of "
+              f"{total} parameter elements", flush=True)
+        return model
+
     def _build_data(self):
         # Trainer.__init__ builds the optimizer right after the model: wrap both here, before resume.
         deepspeed, config = import_deepspeed(), generate_ds_config(self.cfg, self.dp_size)
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (else MPI discovery)
-            backend = "nccl" if self.dist.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(key, value)
+        if _partitioned(self.model):  # the groups again, on whole shapes (a partitioned one is 1-D)
+            with _whole_shapes(self.model):
+                self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.optim, self.cfg.train.steps)
+        _init_single_process_group(self.dist.device)
         with _quiet(stderr=False):  # DeepSpeed prints its config on rank 0 (stderr: its one-time C++ builds)
             self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                         config=config, dist_init_required=False)

@@ -11,9 +11,15 @@ LR scheduler and DCP checkpoint path stay as they are. Muon groups (2-D hidden m
 AdamW groups (embeddings, LM head, norms, biases) do torch.optim.AdamW's update, op for op.
 
 Sharded parameters (DTensor: FSDP2 Shard(0), TP Shard(0)/Shard(1), TP+FSDP2's _StridedShard,
-HSDP Replicate+Shard): NS5 needs the whole matrix, so U is gathered with `full_tensor()`, every
-rank orthogonalises the same full matrix, and each keeps the slice of O its placements give it
-(cut locally, no communication). Given the same gradients this is bit-identical to one process.
+HSDP Replicate+Shard): NS5 needs the whole matrix, so U is gathered with `full_tensor()`, but only
+one rank of the parameter's mesh orthogonalises it: the DTensor parameters of a step take owners
+round-robin over the mesh's ranks (row-major, in parameter order, so every rank computes the same
+owners), each rank runs NS5 on the matrices it owns only, and the owner broadcasts O over the mesh
+(one broadcast per mesh dimension, on the groups the mesh already has: no process group is created,
+so a pipeline stage's sub-mesh works too). Each rank keeps the slice of O its placements give it
+(cut locally). Parameters go in chunks of the mesh's size (gather all, orthogonalise the owned ones,
+broadcast all), so the ranks' NS5 runs overlap and a rank holds about one full matrix per chunk.
+Given the same gradients this is bit-identical to one process (the same NS5 on the same matrix).
 FSDP2's reduce-scatter sums gradients in another order, though, and bf16 NS5 magnifies those last
 bits, so a sharded run tracks one process's losses to ~1e-5 relative rather than exactly.
 State is per-parameter tensors shaped like the parameter (DTensors for DTensor parameters), which
@@ -25,6 +31,8 @@ import re
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from keel.train.param_groups import no_decay_ids
@@ -100,6 +108,30 @@ def _local_shard(full: torch.Tensor, like: DTensor) -> torch.Tensor:
     return piece
 
 
+def _mesh_coordinate(mesh: DeviceMesh, flat: int) -> list[int]:
+    """The coordinate of the flat-th rank of `mesh` (row-major)."""
+    coord = []
+    for size in reversed(mesh.shape):
+        coord.append(flat % size)
+        flat //= size
+    return coord[::-1]
+
+
+def _is_owner(mesh: DeviceMesh, owner: int) -> bool:
+    return list(mesh.get_coordinate()) == _mesh_coordinate(mesh, owner)
+
+
+def _broadcast_from_owner(tensor: torch.Tensor, mesh: DeviceMesh, owner: int) -> None:
+    """Copy the owner's `tensor` to every rank of `mesh`: one broadcast per mesh dim, over the groups
+    the mesh already has. After dim d, every rank whose coordinates past d equal the owner's has it."""
+    src, me = _mesh_coordinate(mesh, owner), list(mesh.get_coordinate())
+    for d in range(mesh.ndim):
+        if mesh.size(d) == 1 or me[d + 1:] != src[d + 1:]:
+            continue
+        sender = tuple(me[:d] + [src[d]] + me[d + 1:])
+        dist.broadcast(tensor, src=int(mesh.mesh[sender]), group=mesh.get_group(d))
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (2-D parameters only), AdamW for use_muon=False groups.
 
@@ -128,12 +160,14 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._ns_turn = 0  # round-robin NS5 owner of the step's next DTensor parameter
         for group in self.param_groups:
             (self._muon_step if group["use_muon"] else self._adamw_step)(group)
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        beta = group["momentum"]
+        chunk: list[tuple[DTensor, DTensor]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -144,17 +178,45 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(grad, 1 - beta)
             update = grad.lerp(buf, beta) if group["nesterov"] else buf
             if isinstance(p, DTensor):
-                # Every rank gathers and orthogonalises the same full matrix. A production version
-                # would give each matrix to one rank (round-robin), run NS5 there once and scatter.
-                ortho = _local_shard(newton_schulz5(update.full_tensor(), group["ns_steps"]), p)
-                local = p.to_local()  # a view: updating it updates the parameter's shard
+                chunk.append((p, update))
+                if len(chunk) >= p.device_mesh.size():
+                    self._sharded_updates(chunk, group)
+                    chunk = []
             else:
-                ortho, local = newton_schulz5(update, group["ns_steps"]), p
-            rows, cols = p.shape  # global shape
-            scale = max(1.0, rows / cols) ** 0.5
-            if wd != 0:
-                local.mul_(1 - lr * wd)
-            local.add_(ortho.to(local.dtype), alpha=-lr * scale)
+                self._apply(p, p, newton_schulz5(update, group["ns_steps"]), group)
+        if chunk:
+            self._sharded_updates(chunk, group)
+
+    def _sharded_updates(self, chunk: list[tuple[DTensor, DTensor]], group: dict) -> None:
+        """Gather every U of the chunk, NS5 the ones this rank owns, broadcast each O from its owner."""
+        owners, owned = [], {}
+        for i, (p, update) in enumerate(chunk):
+            owner = self._ns_turn % p.device_mesh.size()
+            self._ns_turn += 1
+            full = update.full_tensor()  # a collective: every rank of the mesh, in the same order
+            owners.append(owner)
+            if _is_owner(p.device_mesh, owner):
+                owned[i] = full  # the others' matrices are dropped at once
+        for i, full in owned.items():
+            owned[i] = newton_schulz5(full, group["ns_steps"])
+        for i, ((p, update), owner) in enumerate(zip(chunk, owners)):
+            ortho = owned.pop(i, None)
+            if ortho is None:
+                local = update.to_local()
+                ortho = torch.empty(update.shape, dtype=local.dtype, device=local.device)
+            _broadcast_from_owner(ortho, p.device_mesh, owner)
+            # to_local() is a view: updating it updates the parameter's shard
+            self._apply(p, p.to_local(), _local_shard(ortho, p), group)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, local: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:
+        """W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) O, on this rank's part `local` of p."""
+        lr, wd = group["lr"], group["weight_decay"]
+        rows, cols = p.shape  # global shape
+        scale = max(1.0, rows / cols) ** 0.5
+        if wd != 0:
+            local.mul_(1 - lr * wd)
+        local.add_(ortho.to(local.dtype), alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
         """torch.optim.AdamW's single-tensor update (decoupled weight decay, bias correction)."""
