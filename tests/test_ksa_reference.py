@@ -221,7 +221,7 @@ def test_summary_mix_at_the_end_step_is_the_base_projections():
         assert not torch.allclose(mixed(ids), plain(ids), atol=1e-4)
         assert not torch.allclose(mixed(ids), base_like(ids), atol=1e-4)
     # The family's task sets the step from the data position before each loss (1-based trainer steps).
-    task = KSALanguageModelTask(SimpleNamespace(model=mixed.config))
+    task = KSALanguageModelTask(SimpleNamespace(model=mixed.config, data=SimpleNamespace(document_mask=True)))
     task.data = SimpleNamespace(sampler=SimpleNamespace(consumed_samples=3 * 8, global_batch=8))
     batch = {"input_ids": ids, "labels": ids, "positions": None, "doc_ids": None}
     with torch.no_grad():

@@ -266,6 +266,7 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
             mask = AttentionMask(causal=True, doc_ids=doc_ids)
+            mask.prepare(seq, seq, input_ids.device)
         cos, sin = self.rope(positions)
         h = input_ids if input_ids.is_floating_point() else self.embed(input_ids)
         for i, block in enumerate(self.layers.values()):

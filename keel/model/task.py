@@ -80,8 +80,10 @@ class LanguageModelTask(TrainingTask):
                                 seed=cfg.train.seed, cache_dir=cache)
 
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
-        return model(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
-                     doc_ids=batch["doc_ids"])
+        # data.document_mask false: a packed row is one sequence, so the attention is plain causal
+        # (flash on GPU) rather than a document mask that happens to be all one document.
+        doc_ids = batch["doc_ids"] if self.cfg.data.document_mask else None
+        return model(batch["input_ids"], labels=batch["labels"], positions=batch["positions"], doc_ids=doc_ids)
 
     def units(self, batch: dict) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()

@@ -133,15 +133,21 @@ def _has_submodule(module: torch.nn.Module, name: str) -> bool:
 
 
 # Under selective checkpointing these ops' outputs are saved; everything else is recomputed. Of the
-# matmuls only every second one is saved (TorchTitan's policy: about half the recompute for half the
-# memory); the outputs of collectives are always saved (recomputing them would mean communicating
-# again). Attention is recomputed, never saved: with a dense mask its saved state would be the
-# [B, H, L, L] scores; flash/flex kernels keep only their output and log-sum-exp, cheap to redo.
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-_COLLECTIVES = {torch.ops._c10d_functional.reduce_scatter_tensor.default,
-                torch.ops._c10d_functional.all_gather_into_tensor.default,
-                torch.ops._c10d_functional.all_reduce.default,
-                torch.ops._c10d_functional.all_to_all_single.default}
+# blocks' matmuls (mm/addmm: the linears) only every second one is saved (TorchTitan's policy: about
+# half the recompute for half the memory). Always saved: the collectives' outputs (recomputing them
+# would mean communicating again) and the fused attention kernels' (output and log-sum-exp: small,
+# and the most expensive op to redo). Never saved: attention scores — the dense-mask math path's
+# [B, H, L, L] products are bmm, which is in neither list, so they are recomputed.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+_ALWAYS_SAVED = {torch.ops._c10d_functional.reduce_scatter_tensor.default,
+                 torch.ops._c10d_functional.all_gather_into_tensor.default,
+                 torch.ops._c10d_functional.all_reduce.default,
+                 torch.ops._c10d_functional.all_to_all_single.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                 torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                 torch.ops.higher_order.flex_attention}
 
 
 def _selective_policy():
@@ -150,7 +156,7 @@ def _selective_policy():
     seen = {"mm": 0}
 
     def policy(ctx, op, *args, **kwargs):
-        if op in _COLLECTIVES:
+        if op in _ALWAYS_SAVED:
             return CheckpointPolicy.MUST_SAVE
         if op in _MATMULS:
             if ctx.is_recompute:
@@ -162,8 +168,8 @@ def _selective_policy():
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    """full: recompute each block in the backward. selective: save every second matmul's output and
-    every collective's, recompute the rest (the cheap elementwise ops and attention)."""
+    """full: recompute each block in the backward. selective: save every second linear's output, the
+    collectives' and the fused attention kernels', recompute the rest (elementwise ops, norms)."""
 
     if mode == "none":
         return
