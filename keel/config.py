@@ -186,6 +186,10 @@ def coerce(value, tp, key: str):
                 pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no as false and on/yes as true: take the word back
+            words = [w for w in (("off", "no", "false") if not value else ("on", "yes", "true"))
+                     if w in typing.get_args(tp)]
+            value = words[0] if words else value
         if value not in typing.get_args(tp):
             close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -95,3 +95,11 @@ def test_world_size_that_does_not_fit_the_layout_is_refused(tmp_path):
     proc = run_keel(["train", str(TINY_RECIPE), "parallel.dp_replicate=3", *small_run_overrides(tmp_path)],
                     check=False)
     _assert_one_line_error(proc, "parallel:", "world size 1")
+
+
+def test_yaml_off_reads_as_the_word_where_a_choice_expects_it():
+    """YAML 1.1 turns a bare `off` into false; a key whose choices include 'off' takes the word."""
+    import keel
+    from conftest import TINY_RECIPE
+
+    assert keel.load_recipe(TINY_RECIPE, ["precision.fp8=off"]).precision.fp8 == "off"

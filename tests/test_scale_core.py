@@ -2,39 +2,23 @@
 materialised; initial weights are the same in every layout, with or without a seed checkpoint
 (`keel init`); one host sync per training step; bf16 numerics that do not depend on the layout;
 `train.profile_steps`."""
+import importlib.util
 import json
 import threading
 
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, assert_same_training, read_metrics, run_keel, small_run_overrides
+from conftest import REPO, TINY_RECIPE, assert_same_training, read_metrics, run_keel, small_run_overrides
 
 COMMON = {"model.qk_norm": "true", "model.n_layers": 4, "train.steps": 5}
 
-# Weights dominate this model's memory at init (53.5M parameters, 214 MB in fp32); its largest
-# tensor (the 49,152 x 384 embedding table: the largest full-size temporary of sharded init) is a third.
-BIG = {"model.dim": 384, "model.n_layers": 16, "model.n_heads": 6, "model.n_kv_heads": 2, "model.ffn_dim": 1536}
-
-PEAK_WORKER = """
-import json, os, sys, threading, time
-import keel.cli, keel.train.init, keel.train.trainer  # every import before the baseline
-
-def rss_kib():  # resident now (ru_maxrss would include transient peaks of the imports)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-base, peak, done = rss_kib(), [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss_kib())
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
-keel.cli.main(sys.argv[1:])
-done.set()
-with open(os.environ["PEAK_OUT"] + "_" + os.environ.get("RANK", "0"), "w") as f:
-    json.dump({"kib": peak[0] - base}, f)
-"""
+# bench/init_memory.py measures it (`keel init` with every rank sampling its resident memory) on a
+# 53.5M-parameter shape (214 MB in fp32) whose largest tensor, the 49,152 x 384 embedding table (the
+# largest full-size temporary of sharded init), is a third of it.
+_spec = importlib.util.spec_from_file_location("init_memory", REPO / "bench" / "init_memory.py")
+init_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(init_memory)
 
 
 @pytest.mark.distributed
@@ -60,21 +44,6 @@ def test_keel_init_refuses_a_used_folder(tmp_path):
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
-def _init_peak_kib(tmp_path, name: str, nproc: int) -> list[int]:
-    worker = tmp_path / "peak_worker.py"
-    worker.write_text(PEAK_WORKER)
-    out = tmp_path / f"peak_{name}"
-    args = ["init", str(TINY_RECIPE), *small_run_overrides(tmp_path / "unused", **BIG), "--out", str(tmp_path / name)]
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "PEAK_OUT": str(out), "OMP_NUM_THREADS": "1"}
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable])
-    subprocess.run([*cmd, str(worker), *args], env=env, check=True, capture_output=True, timeout=600)
-    return [json.loads(out.with_name(f"{out.name}_{r}").read_text())["kib"] for r in range(nproc)]
-
-
 @pytest.mark.distributed
 def test_sharded_init_holds_a_fraction_of_the_model_per_rank(tmp_path):
     """Peak resident memory added by building, initialising and saving the model (`keel init`): on
@@ -82,11 +51,11 @@ def test_sharded_init_holds_a_fraction_of_the_model_per_rank(tmp_path):
     parameter (sharded init draws one parameter whole at a time), +10% slack, and below 75% of one
     process's. Measured: 0.72 of one process (158 vs 219 MB). Before meta-first init every rank
     held the whole model."""
-    single = _init_peak_kib(tmp_path, "one", 1)[0]
-    per_rank = _init_peak_kib(tmp_path, "two", 2)
-    params_kib, largest_kib = 53.5e6 * 4 / 1024, 49152 * 384 * 4 / 1024
-    assert single > 0.9 * params_kib  # the measurement sees the weights
-    assert max(per_rank) < 1.1 * (params_kib / 2 + largest_kib), (single, per_rank)
+    single = init_memory.peak_per_rank(1, init_memory.SHAPE, tmp_path)[0]
+    per_rank = init_memory.peak_per_rank(2, init_memory.SHAPE, tmp_path)
+    params_mib, largest_mib = 53.5e6 * 4 / 2**20, 49152 * 384 * 4 / 2**20
+    assert single > 0.9 * params_mib  # the measurement sees the weights
+    assert max(per_rank) < 1.1 * (params_mib / 2 + largest_mib), (single, per_rank)
     assert max(per_rank) < 0.75 * single, (single, per_rank)
 
 
