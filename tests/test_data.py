@@ -388,3 +388,39 @@ def test_shakespeare_corpus_is_tokenized_once_and_decodes_to_real_text(tmp_path,
     monkeypatch.setattr(pre, "preprocess", lambda *a, **k: pytest.fail("re-tokenized a cached corpus"))
     assert resolve_source("corpus:shakespeare", tok, cache, progress=False) == prefix
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_prefetcher_hands_out_the_same_steps_and_positions_and_reraises():
+    """The background loader gives exactly the wrapped object's steps; its state is the position after
+    the last step handed out (not after those loaded ahead); a rewind after close() replays exactly;
+    an error in the loading thread reaches the training thread."""
+    from keel.data.prefetch import Prefetcher
+
+    class Counting:
+        def __init__(self, fail_at=None):
+            self.position, self.fail_at = 0, fail_at
+
+        def next_step(self):
+            if self.position == self.fail_at:
+                raise ValueError("bad shard")
+            self.position += 1
+            return [{"x": torch.tensor([self.position])}]
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def load_state_dict(self, sd):
+            self.position = sd["position"]
+
+    data = Prefetcher(Counting(), depth=2)
+    assert [data.next_step()[0]["x"].item() for _ in range(3)] == [1, 2, 3]
+    assert data.state_dict() == {"position": 3}  # although steps 4 and 5 may be loaded already
+    data.close()
+    assert data.next_step()[0]["x"].item() == 4  # rewound: nothing loaded ahead is lost
+    data.load_state_dict({"position": 1})
+    assert data.next_step()[0]["x"].item() == 2
+    data.close()
+    failing = Prefetcher(Counting(fail_at=1))
+    assert failing.next_step()[0]["x"].item() == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        failing.next_step()

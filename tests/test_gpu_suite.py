@@ -5,9 +5,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["train_bf16", "document_attention", "fp8", "compile", "seed_init_fsdp", "ksa_kernel", "decode"]
-# Written by another worker at the same time as the suite: until keel.model.attention has
-# flex_document_attention and dense_attention, its import may fail; then only its listing is checked.
-MAY_BE_PENDING = {"document_attention"}
 
 
 def test_dry_run_lists_and_imports_every_section():
@@ -22,9 +19,5 @@ def test_dry_run_lists_and_imports_every_section():
     assert list(status) == SECTIONS, out + done.stderr
     for name in SECTIONS:
         assert "would run:" in out.split(f"[{name}]", 1)[1], out
-        if name not in MAY_BE_PENDING:
-            assert status[name].startswith("imports ok"), f"{name}: {status[name]}\n{out}"
-    all_ok = all(s.startswith("imports ok") for s in status.values())
-    assert done.returncode == (0 if all_ok else 1), out + done.stderr
-    if not all_ok:
-        assert "failed import:" in out and "dry run: imports failed in document_attention" in out, out
+        assert status[name].startswith("imports ok"), f"{name}: {status[name]}\n{out}"
+    assert done.returncode == 0, out + done.stderr

@@ -93,7 +93,7 @@ def load_hf_weights_sharded(folder: Union[str, Path], model, key: str = "model.i
     reader = HuggingFaceStorageReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
     state = get_model_state_dict(model)
-    by_hf_name, problems = {}, []
+    by_hf_name, hf_name_of, problems = {}, {}, []
     for name, tensor in state.items():
         try:
             hf_name = adapter.tensor_name(name)
@@ -104,7 +104,7 @@ def load_hf_weights_sharded(folder: Union[str, Path], model, key: str = "model.i
         elif tuple(stored[hf_name].size) != tuple(tensor.shape):
             problems.append(f"{hf_name} is {tuple(stored[hf_name].size)}, the recipe's model needs {tuple(tensor.shape)}")
         else:
-            by_hf_name[hf_name] = tensor
+            by_hf_name[hf_name], hf_name_of[name] = tensor, hf_name
     if problems:
         theirs = adapter.from_config(hf_config, str(folder)) if adapter.from_config else None
         differ = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
@@ -113,7 +113,7 @@ def load_hf_weights_sharded(folder: Union[str, Path], model, key: str = "model.i
         raise CheckpointError(f"{key}: {folder} does not fit the recipe's {cfg.name} model shard by shard "
                               f"({detail}, {len(problems)} tensor(s)); if the layout is right, {convert}")
     dcp.load(by_hf_name, storage_reader=reader, no_dist=not dist.is_initialized())
-    set_model_state_dict(model, {name: by_hf_name[adapter.tensor_name(name)] for name in state})
+    set_model_state_dict(model, {name: by_hf_name[hf_name_of[name]] for name in state})
 
 
 def _first_line(e: Exception) -> str:

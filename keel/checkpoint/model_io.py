@@ -35,18 +35,25 @@ def write_model_checkpoint(out_dir, model_cfg, state_dict: dict, tokenizer=None)
     out_dir = Path(out_dir).absolute()
     # An existing run or import is never mixed into or written over; the folder appears whole or not at all.
     with new_folder(out_dir) as tmp:
-        config_yaml = yaml.safe_dump({"model": dataclasses.asdict(model_cfg)}, sort_keys=False)
-        (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         step = tmp / "checkpoints" / "step_0"
         step.mkdir(parents=True)
         dcp.save({"model": {k: v.contiguous() for k, v in state_dict.items()}}, checkpoint_id=str(step),
                  no_dist=True)
-        (step / "trainer.json").write_text(json.dumps({"step": 0, "imported": True}))
-        (step / "config.yaml").write_text(config_yaml)
-        (step / COMPLETE).write_text("step 0\n")
+        _describe_step0(tmp, model_cfg, {"imported": True})
     return out_dir
+
+
+def _describe_step0(root: Path, model_cfg, trainer_state: dict) -> None:
+    """The files beside a model-only step_0's weights: the model config (in the run folder and the
+    step), trainer.json, and COMPLETE last."""
+    step = root / "checkpoints" / "step_0"
+    config_yaml = yaml.safe_dump({"model": dataclasses.asdict(model_cfg)}, sort_keys=False)
+    for folder in (root, step):
+        (folder / "config.yaml").write_text(config_yaml)
+    (step / "trainer.json").write_text(json.dumps({"step": 0, **trainer_state}))
+    (step / COMPLETE).write_text("step 0\n")
 
 
 def write_sharded_model_checkpoint(out_dir, model_cfg, model, trainer_state: dict) -> Path:
@@ -68,12 +75,7 @@ def write_sharded_model_checkpoint(out_dir, model_cfg, model, trainer_state: dic
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(step), no_dist=not dist.is_initialized())
     barrier()
     if rank() == 0:
-        saved_cfg = dataclasses.replace(model_cfg, init_from=None)
-        config_yaml = yaml.safe_dump({"model": dataclasses.asdict(saved_cfg)}, sort_keys=False)
-        for folder in (Path(tmp[0]), step):
-            (folder / "config.yaml").write_text(config_yaml)
-        (step / "trainer.json").write_text(json.dumps({"step": 0, **trainer_state}))
-        (step / COMPLETE).write_text("step 0\n")
+        _describe_step0(Path(tmp[0]), dataclasses.replace(model_cfg, init_from=None), trainer_state)
         follow_umask(Path(tmp[0]))
         if out_dir.exists():
             out_dir.rmdir()

@@ -30,15 +30,19 @@ class Prefetcher:
                 batches = self.data.next_step()
                 if self.pin:
                     batches = [{k: v.pin_memory() for k, v in mb.items()} for mb in batches]
-                item = (batches, self.data.state_dict())
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(out, stop, (batches, self.data.state_dict()))
         except BaseException as e:  # re-raised in the training thread, where it belongs
-            out.put(e)
+            self._put(out, stop, e)
+
+    @staticmethod
+    def _put(out: queue.Queue, stop: threading.Event, item) -> None:
+        """Wait for room, but never past close(): a blocked put would hang its join."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _start(self) -> None:
         self._stop = threading.Event()
@@ -48,8 +52,8 @@ class Prefetcher:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop loading ahead; batches loaded but not handed out are dropped (the wrapped object is
-        then rewound to the last handed-out position by load_state_dict or state_dict callers)."""
+        """Stop loading ahead. Batches loaded but not handed out are dropped; the next next_step()
+        rewinds the wrapped object to the position after the last batch handed out."""
         if self._thread is None:
             return
         self._stop.set()

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from keel.checkpoint.dcp import load_model_weights
 from keel.checkpoint.deepspeed import DS_TAG, _quiet, import_deepspeed
@@ -44,6 +43,7 @@ from keel.config import deep_merge
 from keel.errors import ConfigError
 from keel.model.registry import build_model
 from keel.train import faults, parallel
+from keel.train.init import WholeTensorWrites
 from keel.train.optim import build_optimizer
 from keel.train.trainer import Trainer
 
@@ -103,31 +103,23 @@ def _init_single_process_group(device: torch.device) -> None:
         os.environ.setdefault(key, value)
 
 
-class _PartitionedInit(TorchDispatchMode):
-    """In-place writes to ZeRO-3 partitioned parameters (their `.data` is empty), made whole.
+class _PartitionedInit(WholeTensorWrites):
+    """In-place writes to ZeRO-3 partitioned parameters (their `.data` is empty), made whole; this rank
+    keeps its partition in `ds_tensor`: the flat parameter cut in `ds_tensor.ds_numel`-sized pieces by
+    rank, as DeepSpeed partitions."""
 
-    The op runs on a temporary of the parameter's full shape, on the training device (the same
-    generator draws as one process's), and this rank copies its partition into `ds_tensor`: the
-    flat parameter cut in `ds_tensor.ds_numel`-sized pieces by rank, as DeepSpeed partitions.
-    """
+    def concerns(self, func, target) -> bool:
+        return (getattr(target, "ds_tensor", None) is not None and target.numel() == 0
+                and func._overloadpacket.__name__.endswith("_"))
 
-    def __init__(self, device: torch.device):
-        super().__init__()
-        self.device = device
+    def whole_like(self, target) -> torch.Tensor:
+        return torch.empty(target.ds_shape, dtype=target.ds_tensor.dtype, device=self.device)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        target = args[0] if args else None
-        if (getattr(target, "ds_tensor", None) is None or target.numel() != 0
-                or not func._overloadpacket.__name__.endswith("_")):
-            return func(*args, **kwargs)
+    def keep_part(self, target, whole) -> None:
         part = target.ds_tensor
-        whole = torch.empty(target.ds_shape, dtype=part.dtype, device=self.device)
-        func(whole, *args[1:], **kwargs)
         start = part.ds_numel * dist.get_rank(group=target.ds_process_group)
         count = max(0, min(part.ds_numel, target.ds_numel - start))
         part.narrow(0, 0, count).copy_(whole.view(-1).narrow(0, start, count))
-        return target
 
 
 def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:

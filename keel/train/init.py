@@ -37,25 +37,46 @@ from keel.train.launch import init_distributed
 _RANDOM_FILLS = {torch.ops.aten.normal_.default, torch.ops.aten.uniform_.default}
 
 
-class _WholeTensorRandomFills(TorchDispatchMode):
-    """See the module docstring: random fills of sharded or absent tensors drawn whole."""
+class WholeTensorWrites(TorchDispatchMode):
+    """In-place writes to tensors this rank holds only part of, done on a whole-size temporary on the
+    training device (so random fills draw exactly what one process draws), of which the rank keeps
+    its part. Subclasses say which writes to a target this concerns and how its part is kept."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = torch.device(device)
 
+    def concerns(self, func, target: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def keep_part(self, target: torch.Tensor, whole: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def whole_like(self, target: torch.Tensor) -> torch.Tensor:
+        return torch.empty(target.shape, dtype=target.dtype, device=self.device)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = args[0] if args else None
-        if func in _RANDOM_FILLS and isinstance(target, torch.Tensor) and (
-                isinstance(target, DTensor) or target.is_meta):
-            whole = func(torch.empty(target.shape, dtype=target.dtype, device=self.device), *args[1:], **kwargs)
-            if isinstance(target, DTensor):
-                # src_data_rank=None: every rank cuts its own slice of its own (identical) draw, no communication.
-                mine = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
-                target._local_tensor.copy_(mine._local_tensor)
-            return target
-        return func(*args, **kwargs)
+        if not (isinstance(target, torch.Tensor) and self.concerns(func, target)):
+            return func(*args, **kwargs)
+        whole = self.whole_like(target)
+        func(whole, *args[1:], **kwargs)
+        self.keep_part(target, whole)
+        return target
+
+
+class _WholeTensorRandomFills(WholeTensorWrites):
+    """See the module docstring: random fills of sharded DTensors, or of tensors still on meta."""
+
+    def concerns(self, func, target) -> bool:
+        return func in _RANDOM_FILLS and (isinstance(target, DTensor) or target.is_meta)
+
+    def keep_part(self, target, whole) -> None:
+        if isinstance(target, DTensor):  # a meta target (another stage's layer): the draw only advances the generator
+            # src_data_rank=None: every rank cuts its own slice of its own (identical) draw, no communication.
+            mine = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
+            target._local_tensor.copy_(mine._local_tensor)
 
 
 @contextlib.contextmanager

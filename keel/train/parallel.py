@@ -151,16 +151,14 @@ _ALWAYS_SAVED = {torch.ops._c10d_functional.reduce_scatter_tensor.default,
 
 
 def _selective_policy():
-    """A fresh policy per checkpointed region: the matmul counter restarts for every block, forward
-    and recompute alike, so the recompute saves exactly what the forward saved."""
+    """A fresh policy per checkpointed region (the matmul count restarts for every block). torch asks
+    it during the forward only and replays its decisions in the recompute."""
     seen = {"mm": 0}
 
     def policy(ctx, op, *args, **kwargs):
         if op in _ALWAYS_SAVED:
             return CheckpointPolicy.MUST_SAVE
         if op in _MATMULS:
-            if ctx.is_recompute:
-                return CheckpointPolicy.PREFER_RECOMPUTE
             seen["mm"] += 1
             return CheckpointPolicy.MUST_SAVE if seen["mm"] % 2 == 1 else CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.PREFER_RECOMPUTE
