@@ -22,6 +22,7 @@ setup(
         "gguf",
         "sympy",  # math answer verification in keel.rl.rewards
         "matplotlib",  # keel plot
+        "faiss-cpu",  # k-means of the semantic-ID tokenizer (keel sid build)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],

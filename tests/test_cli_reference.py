@@ -88,7 +88,7 @@ def test_dry_run_shows_the_resolved_config_and_layout_and_runs_nothing(tmp_path)
     proc = run_keel(["train", str(TINY_RECIPE), f"run.out_dir={out}", "parallel.tp=2", "train.micro_batch=2",
                      "--dry-run", "--world", "8"])
     assert "layout on 8 rank(s): pp 1 x dp_replicate 1 x dp_shard 4 x cp 1 x tp 2" in proc.stdout
-    assert "per step: 16 sequences x 128 tokens = 2048 tokens; 2 micro-batch(es) of 2" in proc.stdout
+    assert "per step: 16 x 128 = 2,048 tokens/step; 2 micro-batch(es) of 2" in proc.stdout
     assert not out.exists()
     bad = run_keel(["train", str(TINY_RECIPE), "--dry-run", "--world", "3", "parallel.tp=2"], check=False)
     assert bad.returncode == 2 and "world size 3" in bad.stderr and "Traceback" not in bad.stderr

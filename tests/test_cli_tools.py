@@ -186,7 +186,7 @@ def test_env_json_reports_what_python_can_import(tmp_path):
 
     assert env["keel_home"] == str(home) and env["keel_home_from_env"]
     assert {name: a["present"] for name, a in env["assets"].items()} == \
-        {"kjv": True, "shakespeare": False, "smollm2": False}
+        {"kjv": True, "shakespeare": False, "smollm2": False, "ml-100k": False}
     assert env["assets"]["kjv"]["path"] == str(home / "kjv")
     assert env["slurm"] == {"sbatch": shutil.which("sbatch"), "sinfo": shutil.which("sinfo"),
                             "SLURM_CONF": "/etc/slurm/test.conf"}

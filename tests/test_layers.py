@@ -20,6 +20,7 @@ LAZY_OK = {
     "megatron": "seconds to import and Apex warnings; only when indexed data is opened",
     "sympy": "seconds to import; only when a math answer is verified",
     "safetensors": "only where HF files are written", "tqdm": "only for a progress bar",
+    "faiss": "only when a semantic-ID table is built (keel sid build)",
 }
 # Exempt: the facade (so `import keel.errors` loads no torch) and the CLI (a verb loads only what it
 # needs, so `keel --help` starts at once); and one import of a keel module that itself needs triton.

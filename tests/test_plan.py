@@ -12,7 +12,7 @@ import keel
 from keel.cli import main
 from keel.model.registry import build_model, get_model_spec
 from keel.train.optim import build_optimizer
-from keel.train.plan import GIB, fake_lm_batch, plan_memory
+from keel.train.plan import GIB, fake_batch, plan_memory
 
 LLAMA_1B = str(REPO / "recipes/lm/llama-1b-h100.yaml")
 TINY = str(REPO / "recipes/lm/tiny.yaml")
@@ -86,7 +86,7 @@ def measured_tiny_peak(cfg) -> int:
     model = build_model(cfg.model)
     optimizer, _ = build_optimizer(model, cfg.optim, cfg.train.steps)
     task = spec.task(cfg)
-    batch = fake_lm_batch(cfg)
+    batch = fake_batch(cfg)
     batch["input_ids"] = torch.randint(0, cfg.model.vocab_size, batch["input_ids"].shape)
     batch["labels"] = batch["input_ids"].roll(-1, dims=1)
     tracker = MemTracker()
@@ -118,3 +118,19 @@ def test_layouts_that_do_not_trace_whole_say_what_was_estimated(layout, note):
     plan = plan_memory(keel.load_recipe(TINY, layout), 4, "cpu")
     assert any(note in n for n in plan.notes), plan.notes
     assert plan.ranks[0].peak_bytes > 0 and plan.ranks[0].fits
+
+
+ONEREC_MOE = str(REPO / "recipes/recsys/onerec-v2-4b-a0.5b-moe-h100.yaml")
+
+
+def test_onerec_moe_cluster_recipe_fits_its_node(capsys):
+    """A recommendation family's task gives the traced batch (context items and SID targets) and MoE
+    routing is traced as balanced (fake tensors carry no routing to count). Experts shard over dim 0:
+    53 experts on 8 ranks pad to 56, so the shares are within 6% of an even split."""
+    out = plan_table(capsys, ONEREC_MOE, ["train.micro_batch=8"], 8)
+    rows = table_gib(out)
+    cfg = keel.load_recipe(ONEREC_MOE)
+    assert cfg.model.num_params() == pytest.approx(4.1e9, rel=0.03)  # 4B total ...
+    assert cfg.model.num_params(active=True) == pytest.approx(0.57e9, rel=0.03)  # ... ~0.5B active
+    assert rows["parameters"] == pytest.approx(cfg.model.num_params() * 4 / 8 / GIB, rel=0.06)
+    assert "context 512 items, 5 target(s)" in out and "fits" in out

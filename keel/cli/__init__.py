@@ -1,4 +1,4 @@
-"""`keel train|init|rl|generate|config|data|import|export|fetch|plot|plan|env|slurm ...` — the command line.
+"""`keel train|init|rl|generate|config|data|import|export|fetch|plot|plan|env|slurm|sid|recommend ...` — the command line.
 
 Each verb lives in its own module here and adds its parser; keel/cli is the only layer above keel.rl.
 
@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from keel import __version__  # keel/__init__.py imports nothing heavy
-    from keel.cli import assets, config, env, plan, plot, run, slurm
+    from keel.cli import assets, config, env, plan, plot, recsys, run, slurm
 
     p = _Parser(prog="keel", description="keel: distributed training for large models",
                 epilog="run `keel VERB --help` for a verb's flags and examples; recipe overrides look like "
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(sub, _Parser)  # plan RECIPE --world N [--gpu NAME]
     env.add_parser(sub, _Parser)  # env [--json]
     slurm.add_parser(sub, _Parser)  # slurm submit ...
+    recsys.add_parsers(sub, _Parser)  # sid build, recommend
     return p
 
 

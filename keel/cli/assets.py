@@ -21,6 +21,18 @@ def cmd_export(args) -> None:
     export_hf(args.checkpoint, args.out, args.format)
 
 
+def cmd_export_fp8(args) -> None:
+    import keel
+    from keel.checkpoint.fp8 import export_fp8
+    keel.register_all()
+    if args.min_features < 0:
+        from keel.errors import ConfigError
+        raise ConfigError(f"--min-features: must be >= 0, got {args.min_features}")
+    out, names = export_fp8(args.checkpoint, args.out, args.min_features)
+    print(f"keel export fp8: {len(names)} block linears/experts as E4M3 per output channel -> {out}\n"
+          f"load it with keel.checkpoint.fp8.load_fp8({str(out)!r})")
+
+
 def cmd_fetch(args) -> None:
     from keel.data.assets import fetch
     fetch(args.names, force=args.force)
@@ -52,6 +64,15 @@ def add_parsers(sub, parser_class) -> None:
             hf.add_argument("--format", default=None,
                             help="another layout the model family's adapter offers, e.g. `official` (default: its default)")
         hf.set_defaults(fn=fn)
+        if verb == "export":
+            f8 = fmt.add_parser("fp8", help="a serving copy with FP8 (E4M3) block weights, per output channel",
+                                epilog="example:\n  keel export fp8 runs/onerec-tiny out/onerec-tiny-fp8",
+                                formatter_class=parser_class.formatter)
+            f8.add_argument("checkpoint", help=src_help)
+            f8.add_argument("out", help="a new (or empty) folder; never written over")
+            f8.add_argument("--min-features", type=int, default=0,
+                            help="keep linears with fewer input or output features in their precision (default: 0)")
+            f8.set_defaults(fn=cmd_export_fp8)
 
     f = sub.add_parser("fetch", help="fetch the real corpora and SmolLM2-135M onto this machine",
                        epilog="example:\n  keel fetch all", formatter_class=parser_class.formatter)

@@ -154,8 +154,9 @@ def show_config(cfg, world: int) -> None:
         if cfg.train.global_batch % micro_total:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
                               f"train.micro_batch x data-parallel ranks = {micro_total} on {world} ranks")
-        lines.append(f"# per step: {cfg.train.global_batch} sequences x {cfg.data.seq_len} tokens = "
-                     f"{cfg.train.global_batch * cfg.data.seq_len} tokens; {cfg.train.global_batch // micro_total} "
+        from keel.model.registry import get_model_spec
+        step = get_model_spec(cfg.model.name).task(cfg).step_size(cfg.train.global_batch)
+        lines.append(f"# per step: {step}; {cfg.train.global_batch // micro_total} "
                      f"micro-batch(es) of {cfg.train.micro_batch} per data-parallel rank")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print("\n".join(lines))

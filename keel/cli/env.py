@@ -25,7 +25,7 @@ OPTIONAL_PACKAGES = {
     "flash-attn": ["keel[gpu]"],
     "triton": ["keel[dev]"],
     "vllm": ["keel[rl]"],
-    "faiss-cpu": [],
+    "faiss-cpu": ["keel"],
     "faiss-gpu": [],
     "reasoning-gym": ["keel[rl]", "keel[dev]"],
     "wandb": ["keel"],

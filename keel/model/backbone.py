@@ -23,7 +23,7 @@ from keel.errors import ConfigError
 from keel.model.attention import ATTENTION_CORES, AttentionMask, get_attention
 from keel.model.generation import generate
 from keel.model.loss import chunked_cross_entropy
-from keel.model.moe import MoEConfig, MoEFeedForward, load_imbalance, moe_flops_params
+from keel.model.moe import MoEConfig, MoEFeedForward, MoEHooks, moe_flops_params
 
 
 @dataclass
@@ -197,7 +197,7 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
+class Transformer(MoEHooks, nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.config = cfg
@@ -286,34 +286,10 @@ class Transformer(nn.Module):
         if labels is None:
             return F.linear(h, weight)
         loss = chunked_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), self.config.loss_chunk)
-        aux = []
-        for moe in self.moe_layers().values():
-            if moe.aux_loss is not None:
-                aux.append(moe.aux_loss)
-                moe.aux_loss = None  # taken once; holding it would keep this forward's graph alive
-        if aux:  # per-token MoE losses join the summed loss weighted by this batch's loss tokens
-            loss = loss + sum(aux) * (labels != -100).sum()
+        aux = self.take_moe_aux_loss()
+        if torch.is_tensor(aux):  # per-token MoE losses join the summed loss weighted by this batch's loss tokens
+            loss = loss + aux * (labels != -100).sum()
         return loss
-
-    # ------------------------------------------------------------ MoE hooks (found by the trainer)
-    def moe_layers(self) -> dict[str, MoEFeedForward]:
-        return {name.split(".")[1]: m for name, m in self.named_modules() if isinstance(m, MoEFeedForward)}
-
-    def update_moe_balance(self, reduce=None) -> None:
-        """After an optimizer step: aux-loss-free bias update from the tokens each expert took.
-        `reduce` sums a tensor over the data-parallel ranks (the caller's; model code has no ranks)."""
-        self._moe_stats = {}
-        for layer, moe in self.moe_layers().items():
-            load = moe.take_load()
-            if reduce is not None:
-                load = reduce(load)
-            moe.update_balance(load)
-            self._moe_stats[f"moe_load_max_mean/{layer}"] = load_imbalance(load)
-            self._moe_stats[f"moe_bias_norm/{layer}"] = float(moe.expert_bias.norm())
-
-    def moe_metrics(self) -> dict:
-        """Per MoE layer: max/mean tokens per expert in the last step, and the balancing bias norm."""
-        return dict(getattr(self, "_moe_stats", {}))
 
     def generate(self, prompts, **sampling):
         return generate(self, prompts, **sampling)

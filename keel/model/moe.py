@@ -111,6 +111,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
+        self.planning = False  # set by keel plan, which traces on fake tensors (keel/train/plan.py)
         hidden = cfg.expert_dim or ffn_dim
         self.router = nn.Linear(dim, cfg.n_experts, bias=False)
         self.experts = GroupedExperts(cfg.n_experts, dim, hidden, cfg.expert_compute)
@@ -148,11 +149,20 @@ class MoEFeedForward(nn.Module):
         logits, scores, chosen, weights = self.route(tokens)
         n_experts, k = self.cfg.n_experts, self.cfg.top_k
         flat_expert = chosen.flatten()
-        counts = torch.bincount(flat_expert, minlength=n_experts)
+        if self.planning:  # fake tensors have no values to count: take the routing as balanced
+            even, extra = divmod(flat_expert.numel(), n_experts)
+            split = [even + (e < extra) for e in range(n_experts)]
+            counts = torch.tensor(split, device=x.device)
+        else:
+            counts = torch.bincount(flat_expert, minlength=n_experts)
+            split = counts.tolist()
         # Dropless: every (token, expert) pair is computed, grouped by expert.
         order = torch.argsort(flat_expert, stable=True)
         source_token = order // k
-        out_sorted = self.experts(tokens[source_token], counts.tolist())
+        if self.planning:  # the meta kernel of _grouped_mm takes bf16 only; the loop allocates the same
+            out_sorted = expert_ffn_loop(tokens[source_token], split, self.experts.w1, self.experts.w3, self.experts.w2)
+        else:
+            out_sorted = self.experts(tokens[source_token], split)
         out_sorted = out_sorted * weights.flatten()[order, None].to(out_sorted.dtype)
         out = torch.zeros_like(tokens).index_add_(0, source_token, out_sorted.to(tokens.dtype))
         if self.shared is not None:
@@ -202,3 +212,38 @@ def load_imbalance(load: torch.Tensor) -> float:
     """max / mean tokens per expert (1.0: perfectly balanced)."""
     load = load.float()
     return float(load.max() / load.mean().clamp_min(1e-9)) if load.numel() else math.nan
+
+
+class MoEHooks:
+    """What the trainer calls on a model with MoE blocks in `self.layers` (a mixin for model classes)."""
+
+    def moe_layers(self) -> dict[str, MoEFeedForward]:
+        # named_modules sees through activation-checkpoint wrappers ("layers.3._checkpoint_wrapped_module...")
+        return {name.split(".")[1]: m for name, m in self.layers.named_modules(prefix="layers")
+                if isinstance(m, MoEFeedForward)}
+
+    def take_moe_aux_loss(self):
+        """The MoE layers' auxiliary losses of the last forward, summed (0 without any). Taken once:
+        holding them would keep that forward's graph alive."""
+        total = 0
+        for moe in self.moe_layers().values():
+            if moe.aux_loss is not None:
+                total = total + moe.aux_loss
+                moe.aux_loss = None
+        return total
+
+    def update_moe_balance(self, reduce=None) -> None:
+        """After an optimizer step: aux-loss-free bias update from the tokens each expert took.
+        `reduce` sums a tensor over the data-parallel ranks (the caller's; model code has no ranks)."""
+        self._moe_stats = {}
+        for layer, moe in self.moe_layers().items():
+            load = moe.take_load()
+            if reduce is not None:
+                load = reduce(load)
+            moe.update_balance(load)
+            self._moe_stats[f"moe_load_max_mean/{layer}"] = load_imbalance(load)
+            self._moe_stats[f"moe_bias_norm/{layer}"] = float(moe.expert_bias.norm())
+
+    def moe_metrics(self) -> dict:
+        """Per MoE layer: max/mean tokens per expert in the last step, and the balancing bias norm."""
+        return dict(getattr(self, "_moe_stats", {}))

@@ -27,6 +27,7 @@ class TrainingTask:
     """The interface the trainer drives. Batches are dicts of tensors; the data object returned by
     `build_data` has next_step() -> [micro-batch], eval_batches(n, micro, dp_rank, dp_size),
     state_dict() and load_state_dict() (its position: a global sample index, so it reshards)."""
+    unit_name = "tok"  # a loss unit in the progress line's throughput (`8.1k tok/s`)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -51,6 +52,23 @@ class TrainingTask:
     def fingerprint(self, batch: dict) -> torch.Tensor:
         """A checksum of the batch's content, logged so a resumed run shows it saw the same data."""
         return torch.zeros((), dtype=torch.int64)
+
+    def fake_batch(self, rows: int, cp: int = 1) -> dict:
+        """A micro-batch of `rows` samples with the task's shapes (zeros), for `keel plan`'s trace;
+        under context parallelism, this rank's share of each sequence."""
+        raise NotImplementedError(f"{type(self).__name__} has no fake batch for keel plan")
+
+    def sample_shape(self) -> str:
+        """One sample's size in words, for keel plan's summary (e.g. "seq_len 4096")."""
+        return "1 sample"
+
+    def step_size(self, global_batch: int) -> str:
+        """What one optimizer step consumes, for the start banner."""
+        return f"{global_batch} samples/step ({self.sample_shape()})"
+
+    def next_steps(self, run_dir: str) -> str:
+        """The commands a user runs on a finished run."""
+        return f"keel plot {run_dir} --metric loss"
 
     def eval_sums(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Quantities summed over eval batches and ranks, then turned into metrics by eval_metrics."""
@@ -90,6 +108,22 @@ class LanguageModelTask(TrainingTask):
 
     def fingerprint(self, batch: dict) -> torch.Tensor:
         return batch["input_ids"].sum()
+
+    def fake_batch(self, rows: int, cp: int = 1) -> dict:
+        cols = self.cfg.data.seq_len // cp
+        ids = torch.zeros(rows, cols, dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone(), "positions": torch.arange(cols).expand(rows, cols).clone(),
+                "doc_ids": torch.zeros(rows, cols, dtype=torch.long)}
+
+    def sample_shape(self) -> str:
+        return f"seq_len {self.cfg.data.seq_len}"
+
+    def step_size(self, global_batch: int) -> str:
+        seq = self.cfg.data.seq_len
+        return f"{global_batch} x {seq} = {global_batch * seq:,} tokens/step"
+
+    def next_steps(self, run_dir: str) -> str:
+        return f"keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR"
 
     def eval_metrics(self, sums: dict[str, float]) -> dict:
         loss = sums["loss"] / max(sums["units"], 1)

@@ -3,8 +3,8 @@
 `compute_advantages(name, rewards[N], group[N], tasks, cfg, state)`: `group` says which prompt each
 rollout answers, `tasks` its task (the key TMN-Reweight scales by). `state` is a plain dict the trainer
 checkpoints; estimators may keep statistics there across steps (those here are stateless and only
-leave their diagnostics in state["metrics"]). The registry stays open for `duration_aware`
-(OneRec-V2, a later issue).
+leave their diagnostics in state["metrics"]). OneRec-V2's `duration_aware` registers from
+keel/rl/rec_objectives.py.
 """
 from __future__ import annotations
 

@@ -157,8 +157,9 @@ for _name, _schema in (("run", RunConfig), ("train", TrainConfig), ("optim", Opt
 
 @register_check
 def check_training_data(cfg: Config) -> None:
-    # RL recipes take their prompts from rl.prompts; every other recipe trains on data.sources.
-    if not cfg.data.sources and getattr(cfg, "rl", None) is None:
+    # RL recipes take their prompts from rl.prompts, recommenders their log from recsys.dataset;
+    # every other recipe trains on data.sources.
+    if not cfg.data.sources and getattr(cfg, "rl", None) is None and getattr(cfg, "recsys", None) is None:
         raise ConfigError("data.sources: at least one data source is required")
 
 

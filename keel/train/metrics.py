@@ -45,8 +45,8 @@ class ProgressLine:
     """`step 12/200 | loss 5.43 | lr 3.0e-04 | 8.1k tok/s | ETA 1m23s`, redrawn in place on a
     terminal and printed every ~5% of the run otherwise (logs, CI)."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.total, self.start, self.enabled = total_steps, start_step, enabled
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, unit: str = "tok"):
+        self.total, self.start, self.enabled, self.unit = total_steps, start_step, enabled, unit
         self.tty = sys.stdout.isatty()
         self.every = max(1, total_steps // 20)
         self.t0 = time.perf_counter()
@@ -60,7 +60,7 @@ class ProgressLine:
         if eta is None:
             eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {format_duration(eta)}")
+                f"{tokens_per_s / 1e3:.1f}k {self.unit}/s | ETA {format_duration(eta)}")
         if self.tty:
             sys.stdout.write("\r\033[K" + line)
             sys.stdout.flush()

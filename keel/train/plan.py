@@ -119,7 +119,8 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "") -> Me
     layout = " ".join(f"{name}={getattr(dims, name)}" for name in parallel.MESH_DIMS)
     n_params = cfg.model.num_params() if hasattr(cfg.model, "num_params") else None
     summary = (f"{cfg.model.name}" + (f", {n_params / 1e9:.2f} B parameters" if n_params else "")
-               + f"; micro_batch {cfg.train.micro_batch} x seq_len {cfg.data.seq_len}, {accumulation} micro-batch"
+               + f"; micro_batch {cfg.train.micro_batch} x {get_model_spec(cfg.model.name).task(cfg).sample_shape()}, "
+               + f"{accumulation} micro-batch"
                + ("es" if accumulation > 1 else "") + f" per step; {cfg.precision.dtype}"
                + (f", fp8 {cfg.precision.fp8}" if cfg.precision.fp8 != "off" else "")
                + f", activation_checkpoint {cfg.parallel.activation_checkpoint}, optim {cfg.optim.name}")
@@ -176,7 +177,8 @@ def _trace_without_model_parallel(cfg, dims, err: Exception, notes: list) -> dic
     traced = _trace_or_fall_back(cfg, flat, notes, seq_split=dims.cp)
     block_share = cfg.model.num_params(embeddings=False) / cfg.model.num_params()
     weights = block_share / dims.tp + (1 - block_share)
-    acts, loss_chunk = _sum(traced["peak"], ACT_KINDS), _loss_chunk_bytes(cfg)
+    acts = _sum(traced["peak"], ACT_KINDS)
+    loss_chunk = _loss_chunk_bytes(cfg) if hasattr(cfg.model, "loss_chunk") else 0
     act_scale = (max(acts - loss_chunk, 0) / dims.tp + min(loss_chunk, acts)) / max(acts, 1)
     for key in ("peak", "after_step"):
         kinds = traced[key]
@@ -214,11 +216,14 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int) -> dict:
     spec = get_model_spec(cfg.model.name)
     fsdp = parallel.uses_fsdp(dims)
     model = build_model(cfg.model, "cpu")  # "cpu" under FakeTensorMode: fake weights, like the trainer's
+    for module in model.modules():  # MoE: fake routing has no counts to split experts by; take them as balanced
+        if hasattr(module, "planning"):
+            module.planning = True
     precision.apply_fp8(model, cfg.precision, fsdp)
     param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
     model = parallel.parallelize(model, mesh, dims, cfg.parallel, spec.tp_plan, param_dtype)
     optimizer, _ = build_optimizer(model, cfg.optim, cfg.train.steps)
-    batch = fake_lm_batch(cfg, seq_split)
+    batch = fake_batch(cfg, seq_split)
     if fsdp:
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs((batch,))
@@ -242,12 +247,9 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int) -> dict:
     return {"peak": peak, "after_step": after_step, "local_param_bytes": local}
 
 
-def fake_lm_batch(cfg, cp: int = 1) -> dict:
-    """One micro-batch of the LM task's shape, as this rank sees it (its sequence share under cp)."""
-    rows, cols = cfg.train.micro_batch, cfg.data.seq_len // cp
-    ids = torch.zeros(rows, cols, dtype=torch.long)
-    return {"input_ids": ids, "labels": ids.clone(), "positions": torch.arange(cols).expand(rows, cols).clone(),
-            "doc_ids": torch.zeros(rows, cols, dtype=torch.long)}
+def fake_batch(cfg, cp: int = 1) -> dict:
+    """One micro-batch of the recipe's task, as this rank sees it (its sequence share under cp)."""
+    return get_model_spec(cfg.model.name).task(cfg).fake_batch(cfg.train.micro_batch, cp)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -287,9 +289,10 @@ def _rank_plan(kind: str, cfg, trace_cfg, traced: dict, accumulation: int, in_fl
         acts *= in_flight
     rows.append(Row("activations (peak)", acts, "traced: forward+backward peak of one micro-batch"
                     + (f", x {in_flight} in flight (analytic)" if in_flight > 1 else "")))
-    rows.append(Row("  of which loss chunk", _loss_chunk_bytes(trace_cfg),
-                    f"analytic: {min(trace_cfg.model.loss_chunk, cfg.train.micro_batch * cfg.data.seq_len)} "
-                    f"tokens x {trace_cfg.model.vocab_size} vocab logits + fp32 grad"))
+    if hasattr(trace_cfg.model, "loss_chunk"):  # the LM families' chunked vocabulary loss
+        rows.append(Row("  of which loss chunk", _loss_chunk_bytes(trace_cfg),
+                        f"analytic: {min(trace_cfg.model.loss_chunk, cfg.train.micro_batch * cfg.data.seq_len)} "
+                        f"tokens x {trace_cfg.model.vocab_size} vocab logits + fp32 grad"))
     rows.append(Row("communication buffers", comm, "analytic: DDP gradient buckets" if "ddp_bucket_bytes" in traced
                     else "traced: gathered (unsharded) weights and reduce-scatter inputs live at the peak"))
     # A foreach AdamW step holds one temporary per local weight (sqrt of the second moment): analytic.

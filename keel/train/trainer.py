@@ -279,9 +279,8 @@ class Trainer:
                             if getattr(dims, name) > 1) or "one process"
         if cfg.parallel.ep > 1:  # not a mesh factor: experts are sharded over groups of data-parallel ranks
             layout += f" (experts: ep {cfg.parallel.ep})"
-        tokens = cfg.train.global_batch * cfg.data.seq_len
         return (f"{cfg.model.name}, {params / 1e6:.1f}M parameters | {self.dist.world_size} rank(s): {layout} | "
-                f"{cfg.train.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens/step | steps {self.step} -> "
+                f"{self.task.step_size(cfg.train.global_batch)} | steps {self.step} -> "
                 f"{cfg.train.steps} | run {self.run_dir.absolute()}")
 
     def _eta(self, step_seconds: list[float], phase_seconds: dict) -> float:
@@ -298,7 +297,8 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and self.dist.is_main)
+        progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and self.dist.is_main,
+                                unit=self.task.unit_name)
         self._say(self._banner(), progress)
         summary = {}
         step_seconds: list[float] = []

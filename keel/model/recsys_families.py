@@ -1,0 +1,13 @@
+"""The recommendation families on the backbone: OneRec-V2 (generative, semantic IDs) and SASRec
+(the item-id baseline every number stands beside). Neither has a text decoder or an HF layout;
+OneRec-V2's blocks have no Megatron split yet, so both train data-parallel only (DDP/FSDP2/ZeRO)."""
+from keel.model.onerec import build_onerec
+from keel.model.onerec_config import OneRecConfig
+from keel.model.rec_task import GenerativeRecTask, SASRecTask
+from keel.model.registry import ModelSpec, register_model
+from keel.model.sasrec import SASRecConfig, build_sasrec
+
+register_model(ModelSpec("onerec", OneRecConfig, build_onerec, GenerativeRecTask, model_parallel=(),
+                         description="OneRec-V2: lazy decoder-only generative recommender over semantic IDs"))
+register_model(ModelSpec("sasrec", SASRecConfig, build_sasrec, SASRecTask, model_parallel=(),
+                         description="SASRec: causal self-attention over item ids, full-softmax next item"))
