@@ -2,7 +2,7 @@
 emulation against its definition, and a quantised MoE block against the float one."""
 import torch
 
-from keel.model.fp8_serving import (
+from keel.checkpoint.fp8_serving import (
     FP8,
     RELATIVE_ERROR_BOUND,
     SUBNORMAL_STEP,

@@ -12,7 +12,7 @@ import keel
 from conftest import LOSS_RTOL, REPO, WEIGHT_ATOL, read_metrics, run_keel
 from keel.checkpoint.fp8 import load_fp8
 from keel.data.recsys import load_split
-from keel.model.fp8_serving import FP8Linear
+from keel.checkpoint.fp8_serving import FP8Linear
 from keel.model.rec_baselines import MarkovScorer, PopularityScorer
 from keel.model.rec_eval import evaluate_scorer
 from keel.model.registry import get_model_spec

@@ -1,5 +1,5 @@
 """`keel export fp8 RUN OUT`: a serving copy of a trained model with FP8 (E4M3) block weights
-(keel/model/fp8_serving.py), and `load_fp8(OUT)` to run it.
+(keel/checkpoint/fp8_serving.py), and `load_fp8(OUT)` to run it.
 
 OUT holds model.safetensors (E4M3 weights, fp32 scales, everything else as trained) and config.yaml
 (the model config plus the quantisation settings). It is written beside and renamed into place, so it
@@ -15,7 +15,7 @@ import yaml
 from keel.checkpoint.files import new_folder
 from keel.checkpoint.model_io import load_model
 from keel.errors import CheckpointError
-from keel.model.fp8_serving import quantize_for_serving
+from keel.checkpoint.fp8_serving import quantize_for_serving
 from keel.model.registry import build_model, model_config_from_dict
 
 FORMAT = "keel-fp8-e4m3-per-channel"

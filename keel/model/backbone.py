@@ -181,16 +181,20 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def feed_forward_for(cfg: TransformerConfig, layer_index: int) -> nn.Module:
+    """Block `layer_index`'s FFN: MoE where cfg.moe puts experts, else the dense SwiGLU."""
+    if cfg.moe is not None and cfg.moe.is_moe_layer(layer_index):
+        return MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.moe)
+    return FeedForward(cfg.dim, cfg.ffn_dim)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer_index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        if cfg.moe is not None and cfg.moe.is_moe_layer(layer_index):
-            self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.moe)
-        else:
-            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = feed_forward_for(cfg, layer_index)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.model.attention import AttentionMask
-from keel.model.backbone import Attention, FeedForward, RMSNorm, TransformerBlock, rope_inv_freq
+from keel.model.backbone import Attention, RMSNorm, TransformerBlock, feed_forward_for, rope_inv_freq
 from keel.model.moe import MoEFeedForward, MoEHooks
 from keel.model.onerec_config import OneRecConfig
 
@@ -148,10 +148,7 @@ class OneRecBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(bcfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        if cfg.moe is not None and cfg.moe.is_moe_layer(layer_index):
-            self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.moe)
-        else:
-            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = feed_forward_for(bcfg, layer_index)
 
     def forward(self, x, cos, sin, mask: AttentionMask, k=None, v=None, owner=None, ctx_valid=None, per_owner=None):
         if self.cross_attention is not None and self.cross_first:

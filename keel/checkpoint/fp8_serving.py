@@ -1,4 +1,5 @@
 """FP8 post-training quantisation for serving (OneRec-V2's recipe, applied to any family's blocks).
+It lives beside its exporter, not in keel/model: model files stay single-precision, plain PyTorch.
 
 Round-to-nearest E4M3, nothing calibrated: weights offline per output channel with an fp32 scale
 (amax / 448), activations per token at run time, the GEMM in FP8 with fp32 accumulation and the
