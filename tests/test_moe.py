@@ -169,7 +169,10 @@ def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):
 # ------------------------------------------------------------------ expert parallelism and the recipe
 MOE_SMALL = {"model.moe.expert_dim": 32, "model.n_layers": 3, "train.steps": 5, "checkpoint.every": 3}
 EP_LAYOUTS = {"single": (1, {}), "ep2": (2, {"parallel.ep": 2}),
-              "ep2_fsdp4": (4, {"parallel.ep": 2, "parallel.dp_shard": 4})}  # 2 replica groups of 2
+              "ep2_fsdp4": (4, {"parallel.ep": 2, "parallel.dp_shard": 4}),  # 2 replica groups of 2
+              "tp2_no_sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": False}),
+              "ep2_tp2": (4, {"parallel.ep": 2, "parallel.tp": 2, "parallel.dp_shard": 2}),  # sequence-parallel
+              "pp2": (2, {"parallel.pp": 2})}  # layers 0-1 | 2: the first stage carries layer 1's aux loss
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +190,19 @@ def moe_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["ep2", "ep2_fsdp4"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2_fsdp4", "tp2_no_sp", "ep2_tp2", "pp2"])
 def test_expert_parallel_matches_one_process(moe_run, layout):
     assert_same_training(moe_run("single"), moe_run(layout))
-    got = read_metrics(moe_run(layout))[-1]
-    assert got["moe_load_max_mean/1"] == read_metrics(moe_run("single"))[-1]["moe_load_max_mean/1"]
+    got, want = read_metrics(moe_run(layout))[-1], read_metrics(moe_run("single"))[-1]
+    for layer in ("1", "2"):  # under pp2 the layers live on different ranks
+        assert got[f"moe_load_max_mean/{layer}"] == want[f"moe_load_max_mean/{layer}"]
 
 
 @pytest.mark.distributed
-def test_expert_parallel_checkpoint_resumes_in_one_process(moe_run, tmp_path):
-    shutil.copytree(moe_run("ep2") / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
+@pytest.mark.parametrize("saved", ["ep2", "ep2_tp2"])
+def test_expert_parallel_checkpoint_resumes_in_one_process(moe_run, tmp_path, saved):
+    """Experts are saved whole (DTensors split on dim 0 over ep and on their width over tp)."""
+    shutil.copytree(moe_run(saved) / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
     run_keel(["train", str(MOE_RECIPE), *small_run_overrides(tmp_path, **MOE_SMALL)])
     assert_same_training(moe_run("single"), tmp_path, steps=(4, 5))
 
@@ -217,7 +223,8 @@ def test_moe_tiny_recipe_learns_real_text(tmp_path):
     ({"model.moe.top_k": 9}, "model.moe.top_k: 9 exceeds model.moe.n_experts 8"),
     ({"parallel.ep": 3}, "parallel.ep: 3 does not divide model.moe.n_experts 8"),
     ({"parallel.ep": 2, "model.moe": "null"}, "parallel.ep: 2 needs a Mixture-of-Experts model (set model.moe)"),
-    ({"parallel.tp": 2}, "parallel.tp: model.moe with parallel.tp > 1 is not supported yet"),
+    ({"parallel.pp": 2, "parallel.ep": 2}, "parallel.ep: expert parallelism with parallel.pp = 2 is not supported"),
+    ({"parallel.tp": 2, "model.moe.expert_dim": 33}, "parallel.tp: 2 does not divide the experts' width 33"),
     ({"parallel.engine": "deepspeed"}, "model.moe.bias_update_rate: aux-loss-free balancing is not wired"),
 ])
 def test_bad_moe_settings_are_one_line_errors(tmp_path, overrides, message):

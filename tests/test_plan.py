@@ -134,3 +134,17 @@ def test_onerec_moe_cluster_recipe_fits_its_node(capsys):
     assert cfg.model.num_params(active=True) == pytest.approx(0.57e9, rel=0.03)  # ... ~0.5B active
     assert rows["parameters"] == pytest.approx(cfg.model.num_params() * 4 / 8 / GIB, rel=0.06)
     assert "context 512 items, 5 target(s)" in out and "fits" in out
+
+
+MOE_TINY = str(REPO / "recipes/lm/moe-tiny.yaml")
+
+
+def test_expert_parallel_weights_are_counted_like_fsdp_shards():
+    """Experts under ep are not FSDP's (its tracker does not see them): on 2 ranks, ep2 holds half the
+    experts where FSDP holds half of every weight, so both layouts must show the same bytes."""
+    fsdp, ep = ({row.name: row.bytes for row in plan_memory(keel.load_recipe(MOE_TINY, layout), 2, "cpu").ranks[0].rows}
+                for layout in ([], ["parallel.ep=2"]))
+    n_params = keel.load_recipe(MOE_TINY).model.num_params()
+    assert fsdp["parameters"] == pytest.approx(n_params * 4 / 2, rel=0.05)
+    for row in ("parameters", "gradients", "optimizer state"):
+        assert ep[row] == pytest.approx(fsdp[row], rel=0.05), row

@@ -285,7 +285,7 @@ class Transformer(MoEHooks, nn.Module):
         tokens whose label is not -100 (the caller divides by its global token count)."""
         h = self.hidden_states(input_ids, positions, doc_ids, cache)
         if self.norm is None:  # a pipeline stage before the last hands its activations on
-            return h
+            return self.carry_moe_aux_loss(h, labels)
         weight = self.head_weight()
         if labels is None:
             return F.linear(h, weight)

@@ -88,9 +88,14 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # down
         grouped = compute == "grouped_mm" and hasattr(torch, "_grouped_mm")
         self.ffn = expert_ffn_grouped if grouped else expert_ffn_loop
+        self.planning = False  # set by keel plan (fake tensors): the meta kernel of _grouped_mm takes bf16 only
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self.ffn(x_sorted, counts, self.w1, self.w3, self.w2)
+        return self.compute(x_sorted, counts, self.w1, self.w3, self.w2)
+
+    def compute(self, x_sorted: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
+        """The experts on given weights (a parallel layout passes its local slices)."""
+        return (expert_ffn_loop if self.planning else self.ffn)(x_sorted, counts, w1, w3, w2)
 
 
 class SharedExperts(nn.Module):
@@ -147,28 +152,32 @@ class MoEFeedForward(nn.Module):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
         logits, scores, chosen, weights = self.route(tokens)
-        n_experts, k = self.cfg.n_experts, self.cfg.top_k
-        flat_expert = chosen.flatten()
+        n_experts = self.cfg.n_experts
         if self.planning:  # fake tensors have no values to count: take the routing as balanced
-            even, extra = divmod(flat_expert.numel(), n_experts)
+            even, extra = divmod(chosen.numel(), n_experts)
             split = [even + (e < extra) for e in range(n_experts)]
             counts = torch.tensor(split, device=x.device)
         else:
-            counts = torch.bincount(flat_expert, minlength=n_experts)
+            counts = torch.bincount(chosen.flatten(), minlength=n_experts)
             split = counts.tolist()
+        out = self.mix_experts(tokens, chosen, weights, split)
+        self._record(counts.detach(), logits, scores, chosen, batch, seq)
+        return out.view(batch, seq, dim)
+
+    def mix_experts(self, tokens: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                    split: list[int]) -> torch.Tensor:
+        """The chosen experts' outputs weighted by the router, plus the shared experts'. Everything
+        here is linear in the experts' outputs, so tensor parallelism can split the experts' width
+        and sum this method's output over ranks (keel/train/moe_tensor_parallel.py wraps it)."""
         # Dropless: every (token, expert) pair is computed, grouped by expert.
-        order = torch.argsort(flat_expert, stable=True)
-        source_token = order // k
-        if self.planning:  # the meta kernel of _grouped_mm takes bf16 only; the loop allocates the same
-            out_sorted = expert_ffn_loop(tokens[source_token], split, self.experts.w1, self.experts.w3, self.experts.w2)
-        else:
-            out_sorted = self.experts(tokens[source_token], split)
+        order = torch.argsort(chosen.flatten(), stable=True)
+        source_token = order // self.cfg.top_k
+        out_sorted = self.experts(tokens[source_token], split)
         out_sorted = out_sorted * weights.flatten()[order, None].to(out_sorted.dtype)
         out = torch.zeros_like(tokens).index_add_(0, source_token, out_sorted.to(tokens.dtype))
         if self.shared is not None:
             out = out + self.shared(tokens)
-        self._record(counts.detach(), logits, scores, chosen, batch, seq)
-        return out.view(batch, seq, dim)
+        return out
 
     def _record(self, counts, logits, scores, chosen, batch: int, seq: int) -> None:
         if self.training:
@@ -214,8 +223,45 @@ def load_imbalance(load: torch.Tensor) -> float:
     return float(load.max() / load.mean().clamp_min(1e-9)) if load.numel() else math.nan
 
 
+class _CarryLossTerm(torch.autograd.Function):
+    """Identity on the activations; in the backward the loss term gets gradient `scale`, as if it had
+    been added to a loss that is multiplied by `scale` (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, h, term, scale: float):
+        ctx.scale = scale
+        ctx.term_like = (term.shape, term.dtype, term.device)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.term_like
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class MoEHooks:
     """What the trainer calls on a model with MoE blocks in `self.layers` (a mixin for model classes)."""
+
+    # The factor the final loss is multiplied by before its backward. Only a pipeline stage before
+    # the last needs it (it returns activations, not a loss); keel/train/pipeline.py sets it.
+    aux_loss_scale = 1.0
+    carried_loss = None  # the values of the loss terms carried on activations (carry_moe_aux_loss)
+
+    def carry_moe_aux_loss(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Where the loss is computed further on (a pipeline stage before the last), this part's MoE
+        losses ride on its output activations: their gradient arrives in the backward as if they
+        had joined the loss here, weighted by the batch's loss tokens like the last stage's."""
+        aux = self.take_moe_aux_loss()
+        if not torch.is_tensor(aux) or labels is None or not aux.requires_grad:
+            return h
+        term = aux * (labels != -100).sum()
+        self.carried_loss = term.detach().float() + (self.carried_loss if self.carried_loss is not None else 0)
+        return _CarryLossTerm.apply(h, term, self.aux_loss_scale)
+
+    def take_carried_loss(self):
+        """The loss terms carried since the last call (0 without any), for the reported loss."""
+        carried, self.carried_loss = self.carried_loss, None
+        return carried if carried is not None else 0
 
     def moe_layers(self) -> dict[str, MoEFeedForward]:
         # named_modules sees through activation-checkpoint wrappers ("layers.3._checkpoint_wrapped_module...")

@@ -184,16 +184,17 @@ def check_layout(cfg: Config) -> None:
 
 @register_check
 def check_moe_layout(cfg: Config) -> None:
-    """Expert parallelism needs experts to shard, and composes with data parallelism only (for now)."""
+    """Expert parallelism needs experts to shard; MoE composes with data, tensor, pipeline and expert
+    parallelism (ep not yet with pp, cp, DDP-only or DeepSpeed)."""
     par, moe = cfg.parallel, getattr(cfg.model, "moe", None)
     if par.ep > 1 and moe is None:
         raise ConfigError(f"parallel.ep: {par.ep} needs a Mixture-of-Experts model (set model.moe)")
     if moe is None:
         return
-    for dim in ("tp", "pp"):
-        if getattr(par, dim) > 1:
-            raise ConfigError(f"parallel.{dim}: model.moe with parallel.{dim} > 1 is not supported yet; "
-                              f"use parallel.ep and data parallelism")
+    hidden = moe.expert_dim or cfg.model.ffn_dim
+    if par.tp > 1 and hidden % par.tp:
+        raise ConfigError(f"parallel.tp: {par.tp} does not divide the experts' width {hidden} "
+                          f"(model.moe.expert_dim): tp splits every expert's width")
     if par.engine == "deepspeed" and moe.bias_update_rate > 0:
         raise ConfigError("model.moe.bias_update_rate: aux-loss-free balancing is not wired into the "
                           "deepspeed engine yet; set it to 0 or use parallel.engine torch")
@@ -201,10 +202,11 @@ def check_moe_layout(cfg: Config) -> None:
         return
     if moe.n_experts % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide model.moe.n_experts {moe.n_experts}")
-    for key, bad in (("cp", par.cp > 1), ("dp_replicate", par.dp_replicate > 1), ("engine", par.engine != "torch")):
+    for key, bad in (("cp", par.cp > 1), ("pp", par.pp > 1), ("dp_replicate", par.dp_replicate > 1),
+                     ("engine", par.engine != "torch")):
         if bad:
             raise ConfigError(f"parallel.ep: expert parallelism with parallel.{key} = {getattr(par, key)} "
-                              f"is not supported yet; it composes with parallel.dp_shard (FSDP2)")
+                              f"is not supported yet; it composes with parallel.dp_shard (FSDP2) and parallel.tp")
     if par.dp_shard != -1 and par.dp_shard % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard}")
 

@@ -1,9 +1,8 @@
 """Expert parallelism: each MoE layer's experts sharded over `parallel.ep` ranks, tokens moved to
 their expert's rank and back with all-to-all (torch.distributed.all_to_all_single; gloo and NCCL).
 
-Layout (a choice): ep folds into the data-parallel ranks. The
-ep ranks are consecutive world ranks, so with world = W data ranks there are W/ep groups of ep
-ranks; each group holds every expert once (E/ep per rank), and the W/ep groups are replicas of
+Layout (a choice): ep folds into the data-parallel ranks. The ep ranks are consecutive
+data-parallel ranks, so with W data ranks there are W/ep groups of ep ranks; each group holds every expert once (E/ep per rank), and the W/ep groups are replicas of
 each other. Expert weights are DTensors Shard(0) over a 1-D `ep` mesh, so DCP checkpoints store the
 whole [E, ...] tensors and load into any layout (one process included). FSDP2 shards the dense
 parameters over all W ranks and ignores the experts; their gradients are reduced here instead:
@@ -11,7 +10,9 @@ parameters over all W ranks and ignores the experts; their gradients are reduced
   - so it is summed over the replica groups (all-reduce over `ep_replicate`), and divided by W,
     the same average over data ranks FSDP applies to the dense gradients (the trainer scales the
     loss by the data-parallel size to undo that average).
-Only data parallelism composes with ep for now (tp, pp, cp and DDP-only are refused by
+With tp, each tp rank of an ep group holds its width slice of the same experts and gets the same
+tokens (the router's choice is identical over tp), so the all-to-all runs between ranks of one tp
+coordinate. Data parallelism and tp compose with ep for now (pp, cp and DDP-only are refused by
 keel/train/config.py). Model code is untouched: GroupedExperts.forward is swapped on the instance.
 """
 from __future__ import annotations
@@ -30,20 +31,25 @@ from keel.model.moe import GroupedExperts
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def build_ep_mesh(ep: int, device_type: str) -> DeviceMesh:
+def build_ep_mesh(ep: int, tp: int, device_type: str) -> DeviceMesh:
+    """(ep_replicate, ep, ep_tp) over the world ranks, tp innermost as in the main mesh: an ep group
+    is ep data-parallel ranks that share a tp coordinate."""
     world = dist.get_world_size()
-    if world % ep:
-        raise ConfigError(f"parallel.ep: {ep} does not divide the {world} data-parallel ranks")
-    return init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("ep_replicate", "ep"))
+    if world % (ep * tp):
+        raise ConfigError(f"parallel.ep: {ep} does not divide the {world // tp} data-parallel ranks")
+    return init_device_mesh(device_type, (world // (ep * tp), ep, tp), mesh_dim_names=("ep_replicate", "ep", "ep_tp"))
 
 
 def expert_modules(model: torch.nn.Module) -> list[GroupedExperts]:
     return [m for m in model.modules() if isinstance(m, GroupedExperts)]
 
 
-def apply_expert_parallel(model: torch.nn.Module, ep: int, device_type: str) -> set:
-    """Shard every GroupedExperts over ep ranks; returns the expert parameters (for FSDP to ignore)."""
-    mesh = build_ep_mesh(ep, device_type)
+def apply_expert_parallel(model: torch.nn.Module, mesh: DeviceMesh, tp: int) -> set:
+    """Shard every GroupedExperts over the ep ranks of `mesh` (build_ep_mesh); returns the expert
+    parameters (for FSDP to ignore). Under tp the experts are already split on their width
+    (keel/train/moe_tensor_parallel.py): the tp-local slice is split again on dim 0, into a DTensor
+    over the (ep, ep_tp) mesh."""
+    ep = mesh["ep"].size()
     ep_mesh, rank = mesh["ep"], mesh["ep"].get_local_rank()
     replicate_group = mesh["ep_replicate"].get_group() if mesh["ep_replicate"].size() > 1 else None
     sharded = set()
@@ -53,13 +59,17 @@ def apply_expert_parallel(model: torch.nn.Module, ep: int, device_type: str) -> 
             raise ConfigError(f"parallel.ep: {ep} does not divide model.moe.n_experts {n_experts}")
         per_rank = n_experts // ep
         for name in EXPERT_WEIGHTS:
-            full = getattr(experts, name).detach()
-            local = full[rank * per_rank:(rank + 1) * per_rank].clone()
-            param = torch.nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False))
+            weight = getattr(experts, name)
+            placements, target = [Shard(0)], ep_mesh
+            if isinstance(weight, DTensor):  # width-split over tp already
+                placements, target = [Shard(0), *weight.placements], mesh["ep", "ep_tp"]
+                weight = weight.to_local()
+            local = weight.detach()[rank * per_rank:(rank + 1) * per_rank].clone()
+            param = torch.nn.Parameter(DTensor.from_local(local, target, placements, run_check=False))
             setattr(experts, name, param)
             sharded.add(param)
         experts.forward = partial(expert_parallel_forward, experts, ep_mesh.get_group(), replicate_group,
-                                  dist.get_world_size())
+                                  mesh.size() // tp)
     return sharded
 
 
@@ -85,6 +95,10 @@ def expert_parallel_forward(experts: GroupedExperts, group, replicate_group, dat
     """GroupedExperts.forward under ep: tokens sorted by global expert in, the same order out."""
     ep = dist.get_world_size(group)
     per_rank = len(counts) // ep
+    if experts.planning:  # keel plan's fake tensors: routing taken as balanced, so a rank gets what it sends
+        even, extra = divmod(x_sorted.shape[0], per_rank)
+        return experts.compute(x_sorted, [even + (e < extra) for e in range(per_rank)],
+                               *(getattr(experts, n).to_local() for n in EXPERT_WEIGHTS))
     # 1. Split sizes first: how many tokens each rank sends to each of my experts.
     send_counts = torch.tensor(counts, dtype=torch.int64, device=x_sorted.device)
     recv_counts = torch.empty_like(send_counts)

@@ -1,9 +1,10 @@
 """The device mesh and the parallelisms applied to a single-device model, in a fixed order:
-TP/SP -> CP -> EP (MoE experts, keel/train/expert_parallel.py) -> activation checkpointing ->
+TP/SP (MoE experts split on their width, keel/train/moe_tensor_parallel.py) -> CP -> EP (MoE
+experts split over ranks, keel/train/expert_parallel.py) -> activation checkpointing ->
 per-block torch.compile -> FSDP2 / DDP, on a model that may still be on the meta device.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
-ep folds into the data-parallel ranks and has its own (ep_replicate, ep) mesh over the same ranks.
+ep folds into the data-parallel ranks and has its own (ep_replicate, ep, ep_tp) mesh over the same ranks.
 Data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both). Tensor parallelism
 follows the model family's TensorParallelPlan. Model files never import any of this.
 """
@@ -31,7 +32,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from keel.errors import ConfigError
 from keel.train.config import ParallelConfig
 from keel.train.context_parallel import apply_context_parallel
-from keel.train.expert_parallel import apply_expert_parallel
+from keel.train.expert_parallel import apply_expert_parallel, build_ep_mesh
+from keel.train.moe_tensor_parallel import apply_moe_tensor_parallel, moe_paths
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -104,8 +106,9 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
     stream = Shard(1) if sequence_parallel else Replicate()
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        styles = {name: ColwiseParallel() for name in plan.colwise}
-        styles.update({name: RowwiseParallel(output_layouts=stream) for name in plan.rowwise})
+        moes = moe_paths(block)  # an MoE feed-forward replaces the plan's dense FFN entries in its block
+        styles = {name: ColwiseParallel() for name in _outside(plan.colwise, moes)}
+        styles.update({name: RowwiseParallel(output_layouts=stream) for name in _outside(plan.rowwise, moes)})
         # A per-head norm's weight is shared by all heads: treat its input as split over heads
         # (dim 2) so its gradient is summed over tp ranks.
         styles.update({name: SequenceParallel(sequence_dim=2, use_local_output=True)
@@ -113,9 +116,13 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
         if sequence_parallel:
             styles.update({name: SequenceParallel() for name in plan.sequence_norms})
             for name, n_args in plan.gathered_inputs:
+                if not _outside([name], moes):
+                    continue
                 styles[name] = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
                                                   desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1))
         parallelize_module(block, tp_mesh, styles)
+        for path in moes:
+            apply_moe_tensor_parallel(block.get_submodule(path), tp_mesh, sequence_parallel)
         if sequence_parallel and i == 0:
             parallelize_module(block, tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(),) + (None,) * 4, desired_input_layouts=(Shard(1),) + (None,) * 4,
@@ -123,6 +130,11 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
         if sequence_parallel and i == len(blocks) - 1:
             parallelize_module(block, tp_mesh, PrepareModuleOutput(
                 output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+def _outside(names, paths: list[str]) -> list[str]:
+    """The plan's entries that are not inside any of `paths`."""
+    return [n for n in names if not any(n == p or n.startswith(p + ".") for p in paths)]
 
 
 def _has_submodule(module: torch.nn.Module, name: str) -> bool:
@@ -187,8 +199,10 @@ def apply_compile(model: torch.nn.Module) -> None:
 
 
 def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg: ParallelConfig,
-                tp_plan, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Apply every parallelism and wrapper in keel's fixed order. The model holds its weights."""
+                tp_plan, param_dtype: torch.dtype | None = None, ep_mesh: DeviceMesh | None = None) -> torch.nn.Module:
+    """Apply every parallelism and wrapper in keel's fixed order. The model holds its weights.
+    `ep_mesh`: expert parallelism's mesh when the caller built it already (keel plan builds its
+    meshes before tracing on fake tensors, where a mesh cannot be made)."""
     if dims.tp > 1 and dims.dp_replicate > 1 and dims.dp_shard == 1:
         raise ConfigError("parallel.dp_replicate: DDP does not take tensor-parallel weights; with "
                           "parallel.tp use parallel.dp_shard (FSDP2), or both for HSDP")
@@ -196,7 +210,9 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
         apply_tensor_parallel(model, mesh["tp"], tp_plan, cfg.sequence_parallel)
     if dims.cp > 1:
         apply_context_parallel(model, mesh["cp"], model.config.attention)
-    experts = apply_expert_parallel(model, cfg.ep, mesh.device_type) if cfg.ep > 1 else set()
+    experts = set()
+    if cfg.ep > 1:
+        experts = apply_expert_parallel(model, ep_mesh or build_ep_mesh(cfg.ep, dims.tp, mesh.device_type), dims.tp)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)

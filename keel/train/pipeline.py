@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, schedules
 
 from keel.errors import ConfigError
+from keel.model.moe import MoEHooks
 
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b",)
 
@@ -93,9 +94,10 @@ def stage_module(model: nn.Module, layer_names: list[str], first: bool, last: bo
     return part
 
 
-class StageParts(nn.Module):
+class StageParts(MoEHooks, nn.Module):
     """This rank's stages seen as one module under the full model's parameter names, for the
-    optimizer, gradient clipping and checkpoints. It is never called: the schedule runs the stages."""
+    optimizer, gradient clipping, checkpoints and MoE balancing (of this rank's layers). It is never
+    called: the schedule runs the stages."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -110,6 +112,26 @@ class StageParts(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline-parallel model runs through keel.train.pipeline.Pipeline")
+
+
+def _forget_moe_records_of_metadata_inference(stage: PipelineStage, part: nn.Module) -> None:
+    """The schedule's first step runs each stage once more to infer shapes (torch's private
+    `_forward_metadata_inference`: the first stage on a real micro-batch, later ones on empty
+    tensors). MoE layers would count that pass's routing into the balancing load and hold its aux
+    loss; both are dropped right after it. (Should torch rename the method, the MoE pp test fails.)"""
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:
+        return
+
+    def forgetting(*args, **kwargs):
+        out = infer(*args, **kwargs)
+        for moe in part.moe_layers().values() if hasattr(part, "moe_layers") else ():
+            moe.take_load()
+            moe.aux_loss = None
+        if hasattr(part, "take_carried_loss"):
+            part.take_carried_loss()
+        return out
+    stage._forward_metadata_inference = forgetting
 
 
 def _first_last_group(mesh, pp: int):
@@ -142,6 +164,7 @@ class Pipeline:
             part = parallelize_part(stage_module(model, names[starts[stage_id]:starts[stage_id + 1]], first, last))
             self.parts.append(part)
             stages.append(PipelineStage(part, stage_id, n_stages, device, group=self.group))
+            _forget_moe_records_of_metadata_inference(stages[-1], part)
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
         if tied and self.has_last and not self.has_first:
@@ -149,6 +172,7 @@ class Pipeline:
             # initialising the whole model fills it with the embedding's initial values.
             model.tok_embeddings = self.parts[-1].tok_embeddings
         self.container = StageParts(self.parts)
+        self.has_moe = bool(model.moe_layers()) if hasattr(model, "moe_layers") else False
         self.tied_group = _first_last_group(mesh, dims.pp) if tied else None
         self.n_microbatches = n_microbatches
         self.scale = 1.0
@@ -179,18 +203,30 @@ class Pipeline:
         # The last n entries: a schedule's first pass also calls the loss on probe outputs.
         total = (torch.stack(self._losses[-self.n_microbatches:]).sum() if self.has_last
                  else torch.zeros((), device=device))
+        for part in self.parts:  # MoE losses of the layers before the last stage (carried on activations)
+            total = total + (part.take_carried_loss() if hasattr(part, "take_carried_loss") else 0)
         dist.all_reduce(total, group=self.group)
         return total
 
     def train_step(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
         """Forward + backward of the step's micro-batches; gradients hold d(scale * loss_sum)."""
         self.scale = scale
+        for part in self.parts:  # a stage before the last carries its MoE losses on its activations
+            part.aux_loss_scale = scale
         total = self._run(_concat(micro_batches), train=True)
         if self.tied_group is not None:
             weight = self.container.tok_embeddings.weight
             grad = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
             dist.all_reduce(grad, group=self.tied_group)
         return total
+
+    def merge_stage_metrics(self, metrics: dict) -> dict:
+        """Per-layer metrics (MoE loads) of every pp rank's layers, on every pp rank."""
+        if not self.has_moe:
+            return metrics
+        gathered = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, metrics, group=self.group)
+        return {k: v for part in gathered for k, v in part.items()}
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> torch.Tensor:

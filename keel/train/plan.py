@@ -31,6 +31,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from keel.errors import ConfigError
 from keel.model.registry import build_model, get_model_spec
 from keel.train import parallel, precision
+from keel.train.expert_parallel import build_ep_mesh
 from keel.train.optim import build_optimizer
 
 GIB = 2 ** 30
@@ -203,16 +204,18 @@ def _trace_step(cfg, dims, seq_split: int | None = None) -> dict:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         mesh = parallel.build_mesh(dims, "cpu")
+        ep = cfg.parallel.ep
+        ep_mesh = build_ep_mesh(ep, dims.tp, "cpu") if ep > 1 and world > 1 else None
         # Nothing here allocates: under FakeTensorMode every tensor, weights included, is shape only.
         # Real tensors still reach ops: the device mesh's rank tables, which DTensor indexes (TP, CP).
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return _trace_in_fake_mode(cfg, dims, mesh, seq_split or dims.cp)
+            return _trace_in_fake_mode(cfg, dims, mesh, seq_split or dims.cp, ep_mesh)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int) -> dict:
+def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int, ep_mesh=None) -> dict:
     spec = get_model_spec(cfg.model.name)
     fsdp = parallel.uses_fsdp(dims)
     model = build_model(cfg.model, "cpu")  # "cpu" under FakeTensorMode: fake weights, like the trainer's
@@ -221,7 +224,7 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int) -> dict:
             module.planning = True
     precision.apply_fp8(model, cfg.precision, fsdp)
     param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
-    model = parallel.parallelize(model, mesh, dims, cfg.parallel, spec.tp_plan, param_dtype)
+    model = parallel.parallelize(model, mesh, dims, cfg.parallel, spec.tp_plan, param_dtype, ep_mesh)
     optimizer, _ = build_optimizer(model, cfg.optim, cfg.train.steps)
     batch = fake_batch(cfg, seq_split)
     if fsdp:
@@ -244,6 +247,12 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int) -> dict:
         optimizer.step()
         after_step = _by_kind(tracker.get_tracker_snapshot("current"))
     local = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    if fsdp and cfg.parallel.ep > 1:  # FSDP's tracker sees only the weights FSDP owns, not the experts
+        experts = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters()
+                      if "ep" in (getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None) or ()))
+        for kinds in (peak, after_step):  # their weights, and gradients of the same dtype
+            for name in ("Parameter", "Gradient", "Total"):
+                kinds[name] = kinds.get(name, 0) + experts * (2 if name == "Total" else 1)
     return {"peak": peak, "after_step": after_step, "local_param_bytes": local}
 
 

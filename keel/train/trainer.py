@@ -211,7 +211,8 @@ class Trainer:
         if update is None:
             return {}
         update(self._dp_sum)
-        return self.model.moe_metrics()
+        metrics = self.model.moe_metrics()
+        return metrics if self.pipeline is None else self.pipeline.merge_stage_metrics(metrics)
 
     def _forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
         """Gradients of scale * (summed token loss) over the micro-batches; returns the loss sum."""
