@@ -185,12 +185,16 @@ def check_layout(cfg: Config) -> None:
 @register_check
 def check_moe_layout(cfg: Config) -> None:
     """Expert parallelism needs experts to shard; MoE composes with data, tensor, pipeline and expert
-    parallelism (ep not yet with pp, cp, DDP-only or DeepSpeed)."""
+    parallelism (ep not yet with pp, cp, DDP alone or DeepSpeed; HSDP is fine)."""
     par, moe = cfg.parallel, getattr(cfg.model, "moe", None)
     if par.ep > 1 and moe is None:
         raise ConfigError(f"parallel.ep: {par.ep} needs a Mixture-of-Experts model (set model.moe)")
     if moe is None:
         return
+    if par.cp > 1 and moe.aux_loss_coef > 0:
+        raise ConfigError(f"model.moe.aux_loss_coef: the sequence-level balance loss with parallel.cp = {par.cp} "
+                          f"would see only this rank's share of each sequence; set it to 0 (the aux-loss-free "
+                          f"bias still balances) or use parallel.cp 1")
     hidden = moe.expert_dim or cfg.model.ffn_dim
     if par.tp > 1 and hidden % par.tp:
         raise ConfigError(f"parallel.tp: {par.tp} does not divide the experts' width {hidden} "
@@ -202,13 +206,13 @@ def check_moe_layout(cfg: Config) -> None:
         return
     if moe.n_experts % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide model.moe.n_experts {moe.n_experts}")
-    for key, bad in (("cp", par.cp > 1), ("pp", par.pp > 1), ("dp_replicate", par.dp_replicate > 1),
-                     ("engine", par.engine != "torch")):
+    for key, bad in (("cp", par.cp > 1), ("pp", par.pp > 1), ("engine", par.engine != "torch")):
         if bad:
             raise ConfigError(f"parallel.ep: expert parallelism with parallel.{key} = {getattr(par, key)} "
                               f"is not supported yet; it composes with parallel.dp_shard (FSDP2) and parallel.tp")
     if par.dp_shard != -1 and par.dp_shard % par.ep:
-        raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard}")
+        raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard} (experts are "
+                          f"sharded inside FSDP2's shard groups; DDP alone does not take them)")
 
 
 @register_check
