@@ -172,8 +172,9 @@ EP_LAYOUTS = {"single": (1, {}), "ep2": (2, {"parallel.ep": 2}),
               "ep2_fsdp4": (4, {"parallel.ep": 2, "parallel.dp_shard": 4}),  # 2 replica groups of 2
               "tp2_no_sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": False}),
               "ep2_tp2": (4, {"parallel.ep": 2, "parallel.tp": 2, "parallel.dp_shard": 2}),  # sequence-parallel
-              "pp2": (2, {"parallel.pp": 2}),
-              "ep2_hsdp": (4, {"parallel.ep": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 2})}  # layers 0-1 | 2: the first stage carries layer 1's aux loss
+              # layers 0-1 | 2, each stage with its own ep groups; stage 0 carries layer 1's aux loss
+              "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.dp_shard": 2}),
+              "ep2_hsdp": (4, {"parallel.ep": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 2})}
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +192,11 @@ def moe_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["ep2", "ep2_fsdp4", "tp2_no_sp", "ep2_tp2", "pp2", "ep2_hsdp"])
+@pytest.mark.parametrize("layout", ["ep2", "ep2_fsdp4", "tp2_no_sp", "ep2_tp2", "pp2_ep2", "ep2_hsdp"])
 def test_expert_parallel_matches_one_process(moe_run, layout):
     assert_same_training(moe_run("single"), moe_run(layout))
     got, want = read_metrics(moe_run(layout))[-1], read_metrics(moe_run("single"))[-1]
-    for layer in ("1", "2"):  # under pp2 the layers live on different ranks
+    for layer in ("1", "2"):  # under pp the layers live on different ranks
         assert got[f"moe_load_max_mean/{layer}"] == want[f"moe_load_max_mean/{layer}"]
 
 
@@ -224,7 +225,6 @@ def test_moe_tiny_recipe_learns_real_text(tmp_path):
     ({"model.moe.top_k": 9}, "model.moe.top_k: 9 exceeds model.moe.n_experts 8"),
     ({"parallel.ep": 3}, "parallel.ep: 3 does not divide model.moe.n_experts 8"),
     ({"parallel.ep": 2, "model.moe": "null"}, "parallel.ep: 2 needs a Mixture-of-Experts model (set model.moe)"),
-    ({"parallel.pp": 2, "parallel.ep": 2}, "parallel.ep: expert parallelism with parallel.pp = 2 is not supported"),
     ({"parallel.tp": 2, "model.moe.expert_dim": 33}, "parallel.tp: 2 does not divide the experts' width 33"),
     ({"parallel.cp": 2}, "model.moe.aux_loss_coef: the sequence-level balance loss with parallel.cp = 2"),
     ({"parallel.ep": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 1}, "parallel.ep: 2 does not divide parallel.dp_shard 1"),

@@ -185,7 +185,7 @@ def check_layout(cfg: Config) -> None:
 @register_check
 def check_moe_layout(cfg: Config) -> None:
     """Expert parallelism needs experts to shard; MoE composes with data, tensor, pipeline and expert
-    parallelism (ep not yet with pp, cp, DDP alone or DeepSpeed; HSDP is fine)."""
+    parallelism (ep not yet with cp, DDP alone or DeepSpeed; HSDP is fine)."""
     par, moe = cfg.parallel, getattr(cfg.model, "moe", None)
     if par.ep > 1 and moe is None:
         raise ConfigError(f"parallel.ep: {par.ep} needs a Mixture-of-Experts model (set model.moe)")
@@ -206,10 +206,10 @@ def check_moe_layout(cfg: Config) -> None:
         return
     if moe.n_experts % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide model.moe.n_experts {moe.n_experts}")
-    for key, bad in (("cp", par.cp > 1), ("pp", par.pp > 1), ("engine", par.engine != "torch")):
+    for key, bad in (("cp", par.cp > 1), ("engine", par.engine != "torch")):
         if bad:
             raise ConfigError(f"parallel.ep: expert parallelism with parallel.{key} = {getattr(par, key)} "
-                              f"is not supported yet; it composes with parallel.dp_shard (FSDP2) and parallel.tp")
+                              f"is not supported yet; it composes with parallel.dp_shard (FSDP2), tp and pp")
     if par.dp_shard != -1 and par.dp_shard % par.ep:
         raise ConfigError(f"parallel.ep: {par.ep} does not divide parallel.dp_shard {par.dp_shard} (experts are "
                           f"sharded inside FSDP2's shard groups; DDP alone does not take them)")

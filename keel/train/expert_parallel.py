@@ -12,8 +12,8 @@ parameters over all W ranks and ignores the experts; their gradients are reduced
     loss by the data-parallel size to undo that average).
 With tp, each tp rank of an ep group holds its width slice of the same experts and gets the same
 tokens (the router's choice is identical over tp), so the all-to-all runs between ranks of one tp
-coordinate. Data parallelism and tp compose with ep for now (pp, cp and DDP-only are refused by
-keel/train/config.py). Model code is untouched: GroupedExperts.forward is swapped on the instance.
+coordinate. Under pp each stage has its own ep groups and replicas. Data parallelism, tp and pp
+compose with ep for now (cp, DDP alone and DeepSpeed are refused by keel/train/config.py). Model code is untouched: GroupedExperts.forward is swapped on the instance.
 """
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ from keel.model.moe import GroupedExperts
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def build_ep_mesh(ep: int, tp: int, device_type: str) -> DeviceMesh:
-    """(ep_replicate, ep, ep_tp) over the world ranks, tp innermost as in the main mesh: an ep group
-    is ep data-parallel ranks that share a tp coordinate."""
+def build_ep_mesh(ep: int, tp: int, device_type: str, pp: int = 1) -> DeviceMesh:
+    """(ep_pp, ep_replicate, ep, ep_tp) over the world ranks, pp outermost and tp innermost as in the
+    main mesh: an ep group is ep data-parallel ranks of one pipeline stage that share a tp coordinate."""
     world = dist.get_world_size()
-    if world % (ep * tp):
-        raise ConfigError(f"parallel.ep: {ep} does not divide the {world // tp} data-parallel ranks")
-    return init_device_mesh(device_type, (world // (ep * tp), ep, tp), mesh_dim_names=("ep_replicate", "ep", "ep_tp"))
+    if world % (pp * ep * tp):
+        raise ConfigError(f"parallel.ep: {ep} does not divide the {world // (pp * tp)} data-parallel ranks")
+    return init_device_mesh(device_type, (pp, world // (pp * ep * tp), ep, tp),
+                            mesh_dim_names=("ep_pp", "ep_replicate", "ep", "ep_tp"))
 
 
 def expert_modules(model: torch.nn.Module) -> list[GroupedExperts]:
@@ -69,7 +70,7 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: DeviceMesh, tp: int) -> 
             setattr(experts, name, param)
             sharded.add(param)
         experts.forward = partial(expert_parallel_forward, experts, ep_mesh.get_group(), replicate_group,
-                                  mesh.size() // tp)
+                                  mesh.size() // (tp * mesh["ep_pp"].size()))
     return sharded
 
 

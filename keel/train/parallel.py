@@ -4,7 +4,7 @@ experts split over ranks, keel/train/expert_parallel.py) -> activation checkpoin
 per-block torch.compile -> FSDP2 / DDP, on a model that may still be on the meta device.
 
 Mesh dims (outer to inner): pp, dp_replicate, dp_shard, cp, tp; their product is the world size.
-ep folds into the data-parallel ranks and has its own (ep_replicate, ep, ep_tp) mesh over the same ranks.
+ep folds into the data-parallel ranks and has its own (ep_pp, ep_replicate, ep, ep_tp) mesh over the same ranks.
 Data parallelism: DDP (dp_replicate alone), FSDP2 (dp_shard) and HSDP (both). Tensor parallelism
 follows the model family's TensorParallelPlan. Model files never import any of this.
 """
@@ -212,7 +212,8 @@ def parallelize(model: torch.nn.Module, mesh: DeviceMesh | None, dims: ParallelD
         apply_context_parallel(model, mesh["cp"], model.config.attention)
     experts = set()
     if cfg.ep > 1:
-        experts = apply_expert_parallel(model, ep_mesh or build_ep_mesh(cfg.ep, dims.tp, mesh.device_type), dims.tp)
+        experts = apply_expert_parallel(model, ep_mesh or build_ep_mesh(cfg.ep, dims.tp, mesh.device_type, dims.pp),
+                                        dims.tp)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)

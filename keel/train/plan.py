@@ -205,7 +205,7 @@ def _trace_step(cfg, dims, seq_split: int | None = None) -> dict:
     try:
         mesh = parallel.build_mesh(dims, "cpu")
         ep = cfg.parallel.ep
-        ep_mesh = build_ep_mesh(ep, dims.tp, "cpu") if ep > 1 and world > 1 else None
+        ep_mesh = build_ep_mesh(ep, dims.tp, "cpu", dims.pp) if ep > 1 and world > 1 else None
         # Nothing here allocates: under FakeTensorMode every tensor, weights included, is shape only.
         # Real tensors still reach ops: the device mesh's rank tables, which DTensor indexes (TP, CP).
         with FakeTensorMode(allow_non_fake_inputs=True):
