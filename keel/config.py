@@ -41,6 +41,7 @@ class Section:
     resolve: Callable[[Any, str], Any]
     optional: bool = False  # absent from a recipe: None (rl); else built from its defaults
     schema: Optional[type] = None  # the dataclass, where the section is one (for key references)
+    provides_data: bool = False  # a recipe with this section trains on what it names, not data.sources
 
 
 SECTIONS: dict[str, Section] = {}
@@ -48,14 +49,14 @@ CHECKS: list[Callable[["Config"], None]] = []
 
 
 def register_section(name: str, schema: Optional[type] = None, *, resolve: Optional[Callable] = None,
-                     optional: bool = False) -> None:
+                     optional: bool = False, provides_data: bool = False) -> None:
     """Register a top-level recipe section: a dataclass (validated field by field, then its own
     `validate()` if it has one) or a resolver `(raw, key) -> object` for sections chosen by a name."""
     if resolve is None:
         if schema is None:
             raise TypeError(f"section {name!r}: give a dataclass or a resolver")
         resolve = lambda raw, key: build_validated(schema, raw, key)  # noqa: E731
-    SECTIONS[name] = Section(name, resolve, optional, schema)
+    SECTIONS[name] = Section(name, resolve, optional, schema, provides_data)
 
 
 def register_check(check: Callable[["Config"], None]) -> Callable:

@@ -82,4 +82,4 @@ def _check_names(key: str, names: list[str], known: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: a feature is listed twice in {names}")
 
 
-register_section("recsys", RecsysConfig, optional=True)
+register_section("recsys", RecsysConfig, optional=True, provides_data=True)

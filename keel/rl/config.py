@@ -177,5 +177,5 @@ def resolve_rl_section(raw, key: str = "rl") -> RLConfig:
     return rl
 
 
-register_section("rl", resolve=resolve_rl_section, optional=True)
+register_section("rl", resolve=resolve_rl_section, optional=True, provides_data=True)
 

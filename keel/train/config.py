@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from keel.config import Config, register_check, register_section
+from keel.config import SECTIONS, Config, register_check, register_section
 from keel.errors import ConfigError
 from keel.model.registry import get_model_spec
 from keel.train.pipeline import validate_pipeline
@@ -157,9 +157,10 @@ for _name, _schema in (("run", RunConfig), ("train", TrainConfig), ("optim", Opt
 
 @register_check
 def check_training_data(cfg: Config) -> None:
-    # RL recipes take their prompts from rl.prompts, recommenders their log from recsys.dataset;
-    # every other recipe trains on data.sources.
-    if not cfg.data.sources and getattr(cfg, "rl", None) is None and getattr(cfg, "recsys", None) is None:
+    # A section registered with provides_data (rl: its prompts; recsys: its interaction log) names the
+    # training data; every other recipe trains on data.sources.
+    provided = any(getattr(cfg, s.name, None) is not None for s in SECTIONS.values() if s.provides_data)
+    if not cfg.data.sources and not provided:
         raise ConfigError("data.sources: at least one data source is required")
 
 
