@@ -227,6 +227,7 @@ def test_moe_tiny_recipe_learns_real_text(tmp_path):
     ({"parallel.ep": 2, "model.moe": "null"}, "parallel.ep: 2 needs a Mixture-of-Experts model (set model.moe)"),
     ({"parallel.tp": 2, "model.moe.expert_dim": 33}, "parallel.tp: 2 does not divide the experts' width 33"),
     ({"parallel.cp": 2}, "model.moe.aux_loss_coef: the sequence-level balance loss with parallel.cp = 2"),
+    ({"parallel.compile": True}, "parallel.compile: not with model.moe yet"),
     ({"parallel.ep": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 1}, "parallel.ep: 2 does not divide parallel.dp_shard 1"),
     ({"parallel.engine": "deepspeed"}, "model.moe.bias_update_rate: aux-loss-free balancing is not wired"),
 ])

@@ -192,6 +192,9 @@ def check_moe_layout(cfg: Config) -> None:
         raise ConfigError(f"parallel.ep: {par.ep} needs a Mixture-of-Experts model (set model.moe)")
     if moe is None:
         return
+    if par.compile:
+        raise ConfigError("parallel.compile: not with model.moe yet (dropless routing sizes each expert's "
+                          "batch on the host, which one fullgraph compiled block cannot hold); set it to false")
     if par.cp > 1 and moe.aux_loss_coef > 0:
         raise ConfigError(f"model.moe.aux_loss_coef: the sequence-level balance loss with parallel.cp = {par.cp} "
                           f"would see only this rank's share of each sequence; set it to 0 (the aux-loss-free "
