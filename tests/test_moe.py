@@ -20,6 +20,7 @@ from keel.errors import CheckpointError
 from keel.model.backbone import Transformer, TransformerConfig
 from keel.model.hf_moe import keel_to_hf_config, keel_to_hf_state_dict
 from keel.model.moe import MoEConfig, MoEFeedForward, expert_ffn_grouped, expert_ffn_loop, load_imbalance
+from keel.model.registry import get_model_spec, hf_named_tensors
 
 LOGIT_TOL = 1e-4
 MOE_RECIPE = TINY_RECIPE.parent / "moe-tiny.yaml"
@@ -154,6 +155,21 @@ def test_qwen3_moe_import_and_export_match_transformers(tmp_path):
         diff = (back(ids).logits - want).abs().max().item()
         print(f"export: max |logit diff| of the re-loaded export = {diff:.2e}")
         assert diff < LOGIT_TOL
+
+
+def test_weight_stream_for_vllm_equals_the_export():
+    """The rollout engine's weight sync streams parameters one by one: stacked experts split into the
+    Hub's per-expert tensors, exactly the tensors `keel export hf` writes (views, not copies)."""
+    model = tiny_moe(bias_update_rate=0.0)
+    model.config.name = "qwen3_moe"
+    adapter = get_model_spec("qwen3_moe").hf
+    streamed = dict(hf_named_tensors(adapter, model.named_parameters()))
+    exported = keel_to_hf_state_dict(model.state_dict(), model.config)
+    assert streamed.keys() == exported.keys() and "model.layers.1.mlp.experts.3.down_proj.weight" in streamed
+    for name, tensor in exported.items():
+        assert torch.equal(streamed[name], tensor), name
+    w1 = model.layers["0"].feed_forward.experts.w1
+    assert streamed["model.layers.0.mlp.experts.2.gate_proj.weight"].data_ptr() == w1[2].data_ptr()
 
 
 def test_export_refuses_what_qwen3_moe_cannot_express(tmp_path):

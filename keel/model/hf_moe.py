@@ -125,17 +125,26 @@ def keel_to_hf_state_dict(sd: dict, cfg: TransformerConfig, src: str = "keel sta
 def hf_tensor_name(name: str) -> str:
     if _KEEL_EXPERT.fullmatch(name) or name.endswith("expert_bias"):
         raise CheckpointError(f"{name}: stacked experts have no single Hugging Face tensor; "
-                              f"convert the whole state dict (keel export hf)")
+                              f"split it with hf_tensor_split, or convert the whole state dict (keel export hf)")
     renamed, _, unknown = rename_tensors({name: None}, to_keel=False, rules=_RULES)
     if unknown:
         raise CheckpointError(f"no Hugging Face name for tensor {name!r}")
     return next(iter(renamed))
 
 
+def hf_tensor_split(name: str, tensor: torch.Tensor) -> list:
+    """One keel tensor as its HF tensors: a stacked [E, ...] expert weight is E per-expert ones (views)."""
+    if m := _KEEL_EXPERT.fullmatch(name):
+        layer, w = m.groups()
+        return [(f"model.layers.{layer}.mlp.experts.{j}.{_HF_PROJ[w]}.weight", tensor[j]) for j in range(tensor.shape[0])]
+    return [(hf_tensor_name(name), tensor)]
+
+
 QWEN3_MOE_HF_ADAPTER = HFAdapter(
     to_config=hf_config_dict,
     to_state_dict=lambda sd, cfg: keel_to_hf_state_dict(sd, cfg),
     tensor_name=hf_tensor_name,
+    tensor_split=hf_tensor_split,
     architectures=(ARCHITECTURE,),
     from_config=hf_to_keel_config,
     from_state_dict=hf_to_keel_state_dict,

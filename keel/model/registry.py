@@ -49,6 +49,9 @@ class HFAdapter:
     to_config: Callable  # (cfg, bos_id, eos_id, dtype) -> config.json as a dict
     to_state_dict: Callable  # (keel state dict, cfg) -> HF-named state dict
     tensor_name: Callable  # keel tensor name -> HF name, for streaming weights one by one (vLLM sync)
+    # (keel name, tensor) -> [(HF name, tensor), ...] where one keel tensor is several HF ones (stacked
+    # experts); None: every tensor is one, named by tensor_name. See hf_named_tensors.
+    tensor_split: Optional[Callable] = None
     architectures: tuple = ()  # transformers architectures this family imports (empty: export only)
     from_config: Optional[Callable] = None  # (transformers config, source name) -> family config
     from_state_dict: Optional[Callable] = None  # (HF state dict, cfg, source name) -> keel state dict
@@ -81,6 +84,15 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {}
+
+
+def hf_named_tensors(adapter: HFAdapter, named):
+    """A stream of keel (name, tensor) pairs as Hugging Face ones, lazily (vLLM weight sync)."""
+    for name, tensor in named:
+        if adapter.tensor_split is not None:
+            yield from adapter.tensor_split(name, tensor)
+        else:
+            yield adapter.tensor_name(name), tensor
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:

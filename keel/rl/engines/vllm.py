@@ -23,7 +23,7 @@ import torch
 
 from keel.checkpoint.hf import save_hf
 from keel.errors import MissingExtraError
-from keel.model.registry import get_model_spec
+from keel.model.registry import get_model_spec, hf_named_tensors
 from keel.rl.engines.base import Rollout, SamplingParams
 
 
@@ -60,7 +60,7 @@ class VLLMEngine:
         max_len = rl_cfg.vllm.max_model_len or rl_cfg.max_prompt_tokens + rl_cfg.sampling.max_tokens
         engine = cls(str(out), rl_cfg.vllm, max_len, seed)
         engine.model_config = policy.config
-        engine.hf_name = get_model_spec(policy.config.name).hf.tensor_name
+        engine.hf_adapter = get_model_spec(policy.config.name).hf
         return engine
 
     # ------------------------------------------------------------ sleep / wake (GPU only)
@@ -99,7 +99,7 @@ class VLLMEngine:
     # ------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.wake_up(tags=["weights"])
-        hf_named = ((self.hf_name(name), tensor.detach()) for name, tensor in named_tensors)
+        hf_named = hf_named_tensors(self.hf_adapter, ((name, tensor.detach()) for name, tensor in named_tensors))
         if self.cfg.tensor_parallel_size == 1:
             # One reload_weights call over a lazy iterator. Measured on vLLM 0.32 (CPU): several calls
             # (buckets) leave the model wrong — each call is taken as the whole model — while one
