@@ -394,7 +394,7 @@ def test_init_from_dense_checkpoint_initialises_summary_weights(tmp_path, summar
     ("model.ksa_stage=distil", "model.ksa_stage"),
     ("model.summary_private=[wq]", "model.summary_private"),
     ("model.window_chunk=4", "model.window_chunk"),
-    ("parallel.tp=2", "parallel.tp"),  # KSA has no tensor-parallel plan for its summary projections yet
+    ("parallel.pp=2", "parallel.pp"),  # KSA has no pipeline stages yet
 ])
 def test_bad_config_is_a_config_error_naming_the_key(tiny_recipe, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -35,7 +35,7 @@ from keel.model.ksa_config import (  # noqa: F401 (re-exported)
 )
 from keel.model.ksa_distill import distillation_loss
 from keel.model.ksa_hf import KSA_HF_ADAPTER
-from keel.model.registry import ModelSpec, register_model
+from keel.model.registry import TRANSFORMER_TP_PLAN, ModelSpec, TensorParallelPlan, register_model
 from keel.model.task import LanguageModelTask, decode_text
 
 
@@ -357,8 +357,16 @@ class KSALanguageModelTask(LanguageModelTask):
         return super().loss_sum(model, batch)
 
 
-# KSA's summary projections need their own TP styles, its expanded sequence its own CP split and
-# PP stages: data parallelism only for now (refused with a clear error otherwise).
+# Tensor parallelism splits the summary projections (and the private summary copies a recipe keeps)
+# like the base ones. Not yet: sequence parallelism (the summary slots are gathered by index along the
+# sequence), CP (the expanded sequence needs its own split) and PP stages; refused with a clear error.
+KSA_TP_PLAN = TensorParallelPlan(
+    colwise=TRANSFORMER_TP_PLAN.colwise + ("attention.wq_summary", "attention.wk_summary", "attention.wv_summary",
+                                           "feed_forward_summary.w1", "feed_forward_summary.w3"),
+    rowwise=TRANSFORMER_TP_PLAN.rowwise + ("attention.wo_summary", "feed_forward_summary.w2"),
+    head_norms=TRANSFORMER_TP_PLAN.head_norms + ("attention.q_norm_summary", "attention.k_norm_summary"),
+    sequence_parallel=False,
+)
 register_model(ModelSpec("ksa", KSAConfig, KSATransformer, KSALanguageModelTask,
                          "Kwai Summary Attention: summary tokens every N text tokens (docs/ksa.md)",
-                         model_parallel=(), decode=decode_text, hf=KSA_HF_ADAPTER))
+                         tp_plan=KSA_TP_PLAN, model_parallel=("tp",), decode=decode_text, hf=KSA_HF_ADAPTER))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from keel.config import register_check
 from keel.errors import ConfigError
 from keel.model.backbone import TransformerConfig
 from keel.model.ksa_attention import KSA_ATTENTION_IMPLS
@@ -108,3 +109,15 @@ def summary_mix_coefficient(cfg: KSAConfig, step: int) -> float:
     if step >= end:
         return 0.0
     return 1.0 - (step - start) / (end - start)
+
+
+@register_check
+def check_ksa_tensor_parallel(cfg) -> None:
+    """Measured, not understood yet: with QK-norm, tp2 distillation (only summary parameters train) gives
+    gradients 0.5% off one process's, while pretraining (every parameter) and distillation without QK-norm
+    match to fp32 rounding (tests/test_ksa_parallel.py's comparison, run by hand with the other stages).
+    Refused until found, rather than trained wrong."""
+    model = cfg.model
+    if getattr(model, "name", None) == "ksa" and cfg.parallel.tp > 1 and model.qk_norm and model.ksa_stage == "distill":
+        raise ConfigError("parallel.tp: KSA distillation (model.ksa_stage distill) with model.qk_norm does not "
+                          "yet match one process under tensor parallelism; use data parallelism for this stage")

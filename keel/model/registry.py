@@ -32,6 +32,7 @@ class TensorParallelPlan:
     sequence_norms: tuple = ()  # run on sequence shards under sequence parallelism
     head_norms: tuple = ()  # norms over head_dim applied to this rank's heads (QK-norm)
     gathered_inputs: tuple = ()  # (submodule, number of positional args): first arg gathered
+    sequence_parallel: bool = True  # the blocks can run on sequence shards (parallel.sequence_parallel)
 
 
 TRANSFORMER_TP_PLAN = TensorParallelPlan(

@@ -172,6 +172,9 @@ def check_layout(cfg: Config) -> None:
         if getattr(cfg.parallel, dim) > 1 and dim not in spec.model_parallel:
             raise ConfigError(f"parallel.{dim}: the {spec.name} family does not support it yet; "
                               f"it trains with data parallelism (parallel.dp_shard / dp_replicate)")
+    if cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel and not spec.tp_plan.sequence_parallel:
+        raise ConfigError(f"parallel.sequence_parallel: the {spec.name} family's blocks cannot run on sequence "
+                          f"shards yet; set it to false with parallel.tp")
     if cfg.parallel.pp > 1:
         validate_pipeline(cfg.parallel, cfg.model)
     if cfg.data.seq_len % (2 * cfg.parallel.cp):

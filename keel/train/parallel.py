@@ -107,8 +107,10 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         moes = moe_paths(block)  # an MoE feed-forward replaces the plan's dense FFN entries in its block
-        styles = {name: ColwiseParallel() for name in _outside(plan.colwise, moes)}
-        styles.update({name: RowwiseParallel(output_layouts=stream) for name in _outside(plan.rowwise, moes)})
+        present = [n for n in (*plan.colwise, *plan.rowwise) if _has_submodule(block, n)]  # optional copies may be absent
+        styles = {name: ColwiseParallel() for name in _outside(plan.colwise, moes) if name in present}
+        styles.update({name: RowwiseParallel(output_layouts=stream)
+                       for name in _outside(plan.rowwise, moes) if name in present})
         # A per-head norm's weight is shared by all heads: treat its input as split over heads
         # (dim 2) so its gradient is summed over tp ranks.
         styles.update({name: SequenceParallel(sequence_dim=2, use_local_output=True)
