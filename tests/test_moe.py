@@ -217,11 +217,13 @@ def test_expert_parallel_matches_one_process(moe_run, layout):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("saved", ["ep2", "ep2_tp2"])
-def test_expert_parallel_checkpoint_resumes_in_one_process(moe_run, tmp_path, saved):
-    """Experts are saved whole (DTensors split on dim 0 over ep and on their width over tp)."""
+@pytest.mark.parametrize("saved, resumed", [("ep2", "single"), ("ep2_tp2", "single"), ("single", "ep2")])
+def test_expert_parallel_checkpoint_resumes_in_another_layout(moe_run, tmp_path, saved, resumed):
+    """Experts are saved whole (DTensors split on dim 0 over ep and on their width over tp), so step 3
+    of one layout continues in another exactly as one process would have."""
     shutil.copytree(moe_run(saved) / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
-    run_keel(["train", str(MOE_RECIPE), *small_run_overrides(tmp_path, **MOE_SMALL)])
+    nproc, extra = EP_LAYOUTS[resumed]
+    run_keel(["train", str(MOE_RECIPE), *small_run_overrides(tmp_path, **{**MOE_SMALL, **extra})], nproc=nproc)
     assert_same_training(moe_run("single"), tmp_path, steps=(4, 5))
 
 
