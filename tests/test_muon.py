@@ -378,7 +378,10 @@ def test_fsdp2_muon_matches_single_process(single_run, tmp_path):
         assert a["data_fingerprint"] == b["data_fingerprint"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # measured: <= 8.2e-6
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3)  # measured: <= 4.1e-4
-    assert single[0]["loss"] == fsdp[0]["loss"]  # the same start, to the bit
+    # The same start: the same initial weights give the same first loss up to the order in which
+    # ranks' shares are summed (1 ulp apart on an AMD EPYC, bit-equal on the machine that wrote this);
+    # different initial weights would be orders of magnitude further apart.
+    assert fsdp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6, abs=0)
     assert single[-1]["loss"] < single[0]["loss"]
     ref, got = final_weights(single_run), final_weights(tmp_path)
     for name in ref:  # measured: <= 0.042 (wo, whose gradient is nearly low-rank), others <= 0.009
