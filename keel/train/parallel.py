@@ -106,11 +106,12 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
     stream = Shard(1) if sequence_parallel else Replicate()
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        moes = moe_paths(block)  # an MoE feed-forward replaces the plan's dense FFN entries in its block
-        present = [n for n in (*plan.colwise, *plan.rowwise) if _has_submodule(block, n)]  # optional copies may be absent
-        styles = {name: ColwiseParallel() for name in _outside(plan.colwise, moes) if name in present}
+        # Entries a block lacks are skipped: optional copies (KSA's private summary modules) and the
+        # dense FFN's linears where an MoE feed-forward took its place (it gets its own split below).
+        moes = moe_paths(block)
+        styles = {name: ColwiseParallel() for name in plan.colwise if _has_submodule(block, name)}
         styles.update({name: RowwiseParallel(output_layouts=stream)
-                       for name in _outside(plan.rowwise, moes) if name in present})
+                       for name in plan.rowwise if _has_submodule(block, name)})
         # A per-head norm's weight is shared by all heads: treat its input as split over heads
         # (dim 2) so its gradient is summed over tp ranks.
         styles.update({name: SequenceParallel(sequence_dim=2, use_local_output=True)
@@ -118,7 +119,7 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
         if sequence_parallel:
             styles.update({name: SequenceParallel() for name in plan.sequence_norms})
             for name, n_args in plan.gathered_inputs:
-                if not _outside([name], moes):
+                if name in moes:  # an MoE layer gathers its own input (keel/train/moe_tensor_parallel.py)
                     continue
                 styles[name] = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
                                                   desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1))
@@ -132,11 +133,6 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: DeviceMesh, plan, seq
         if sequence_parallel and i == len(blocks) - 1:
             parallelize_module(block, tp_mesh, PrepareModuleOutput(
                 output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
-
-
-def _outside(names, paths: list[str]) -> list[str]:
-    """The plan's entries that are not inside any of `paths`."""
-    return [n for n in names if not any(n == p or n.startswith(p + ".") for p in paths)]
 
 
 def _has_submodule(module: torch.nn.Module, name: str) -> bool:
