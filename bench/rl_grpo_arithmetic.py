@@ -40,7 +40,7 @@ def main():
         if trainer.step % args.eval_every == 0:
             row.update(trainer.evaluate())
         trainer.metrics.log(trainer.step, row)
-        print(f"step {trainer.step}: train reward {row['reward_mean']:.3f} len {row['response_len_mean']:.1f}"
+        print(f"step {trainer.step}: train reward {row['reward/mean']:.3f} len {row['rollout/response_len_mean']:.1f}"
               + (f" | held-out accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""), flush=True)
     if "eval_accuracy" not in row:
         row = trainer.evaluate()

@@ -130,6 +130,45 @@ def test_reference_modes_agree_and_resume_is_exact(tmp_path, tiny_policy):
         torch.testing.assert_close(w_resumed[name], value, rtol=0, atol=1e-7, msg=name)
 
 
+def test_two_rank_fsdp_dpo_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy):
+    """DPO under torchrun with FSDP2 over 2 ranks (7 pairs a step: 4 + 3, micro-batches of 3, so
+    the second rank runs a zero-weighted filler), the frozen reference sharded like the policy:
+    the same loss, margin and grad norm as one process; stopped after 2 steps and continued on one
+    process, it ends on one process's weights. The cached reference, computed over 2 ranks, equals
+    one process's."""
+    from tests.conftest import run_keel
+
+    common = ["rl.dpo.lora=null", "rl.dpo.pairs_per_step=7", "rl.micro_batch=3", "precision.dtype=fp32"]
+    DPOTrainer(_small(tmp_path, tiny_policy, "one", 3, *common, "rl.dpo.reference=model")).train()
+    DPOTrainer(_small(tmp_path, tiny_policy, "one_cached", 1, *common, "rl.dpo.reference=cached")).train()
+    overrides = [f"run.out_dir={tmp_path / 'two'}", f"rl.policy={tiny_policy}", "logging.wandb=disabled",
+                 "logging.progress=false", "rl.eval_every=0", "rl.dpo.build.n_pairs=40", "rl.dpo.eval_fraction=0.1",
+                 "optim.lr=1e-2", "optim.warmup_steps=0", *common]
+    run_keel(["rl", RECIPE, *overrides, "rl.steps=2", "rl.dpo.reference=model"], nproc=2)
+    run_keel(["rl", RECIPE, *[o.replace("/two", "/two_cached") for o in overrides], "rl.steps=1",
+              "rl.dpo.reference=cached"], nproc=2)
+    DPOTrainer(_small(tmp_path, tiny_policy, "two", 3, *common, "rl.dpo.reference=model")).train()  # resumes at 2
+    one, two = [r for r in _rows(tmp_path / "one") if "loss" in r], [r for r in _rows(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    # margin is beta x a difference of differences of summed log-probs (~50 each): its fp32 rounding
+    # is ~1e-7 absolute, whatever its size (measured 1e-7 apart at -1.4e-4 in step 2).
+    for a, b in zip(one, two):
+        for key in ("loss", "margin", "accuracy", "grad_norm", "kl_ref", "response_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    w_one, w_two = keel.load(tmp_path / "one").state_dict(), keel.load(tmp_path / "two").state_dict()
+    # lr 1e-2 moves weights by ~3e-2 in 3 steps; measured: block weights within 1e-5, and 2 of the 3M
+    # embedding entries 8e-5 apart (Adam divides a near-zero gradient by its own size, magnifying
+    # its fp32 rounding), the rest within 1e-5.
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], atol=2e-4, rtol=0, msg=name)
+        assert (w_two[name] - w_one[name]).abs().gt(1e-5).sum() <= 4, name
+    cached_one = load_pairs(tmp_path / "one_cached" / "reference_logprobs.jsonl")
+    cached_two = load_pairs(tmp_path / "two_cached" / "reference_logprobs.jsonl")
+    assert [(p.prompt, p.chosen) for p in cached_two] == [(p.prompt, p.chosen) for p in cached_one]
+    for a, b in zip(cached_one, cached_two):
+        assert (b.ref_chosen_logp, b.ref_rejected_logp) == pytest.approx((a.ref_chosen_logp, a.ref_rejected_logp), rel=1e-5)
+
+
 # ---------------------------------------------------------------- the real check
 KL_BOUND = 0.1  # nats per response token, exact over the vocabulary, on held-out pairs
 

@@ -64,6 +64,40 @@ def test_samples_of_a_prompt_share_one_prefill():
         torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_prompt_seeded_samples_do_not_depend_on_the_batch_they_share():
+    """With one seed per prompt, a prompt's samples are the same generated with 5 other prompts
+    through 4 slots, or alone through 2 (what lets RL split prompts over ranks): equal tokens, and
+    logprobs equal to rounding; and a different seed gives different samples."""
+    model = _tiny_model(2)
+    prompts = _prompts(6, seed=3)
+    seeds = tuple(range(100, 106))
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.9, stop_ids=(5,), n=3)
+    together = NativeEngine(model, max_batch=4).generate(prompts, SamplingParams(**params, prompt_seeds=seeds))
+    for i in (0, 4):
+        alone = NativeEngine(model, max_batch=2).generate([prompts[i]], SamplingParams(**params, prompt_seeds=(seeds[i],)))
+        mine = [r for r in together if r.prompt_index == i]
+        assert [r.tokens for r in alone] == [r.tokens for r in mine]
+        for a, b in zip(alone, mine):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    other = NativeEngine(model, max_batch=4).generate(prompts, SamplingParams(**params, prompt_seeds=tuple(range(6))))
+    assert [r.tokens for r in other] != [r.tokens for r in together]
+
+
+def test_inverse_cdf_sampling_recounts_the_distribution_and_skips_truncated_tokens():
+    """Evenly spaced uniforms through inverse_cdf_sample hit each token as often as its probability
+    says (to 1/K), never a zero-probability token, even at u = 0 and u just below 1."""
+    from keel.model.generation import inverse_cdf_sample
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.45, 0.25, 0.2, 0.0])
+    k = 10_000
+    u = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    tokens = inverse_cdf_sample(probs.expand(k, -1), u)
+    counts = torch.bincount(tokens, minlength=7).double() / k
+    torch.testing.assert_close(counts, probs.double(), atol=1.5 / k, rtol=0)
+    edges = inverse_cdf_sample(probs.expand(2, -1), torch.tensor([0.0, 1 - 1e-12], dtype=torch.float64))
+    assert edges.tolist() == [1, 5]
+
+
 def test_greedy_matches_plain_generate():
     model = _tiny_model(3)
     prompts = _prompts(9, seed=5)

@@ -72,8 +72,12 @@ def cmd_rl(args) -> None:
         from keel.cli.config import show_config
         return show_config(cfg, 1)
     from keel.rl.config import get_rl_trainer
+    from keel.train.launch import shutdown_distributed
 
     summary = get_rl_trainer(cfg.rl.trainer)(cfg).train()
+    shutdown_distributed()
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return
     run_dir = os.path.abspath(cfg.run.out_dir)
     shown = {k: v for k, v in summary.items() if isinstance(v, float) and "/" not in k}
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))

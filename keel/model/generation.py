@@ -93,15 +93,36 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                         generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: Optional[torch.Generator], uniforms: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(one token per row of logits [B, V], its log-probability under the distribution it was drawn
-    from: the processed one, truncated and renormalised; the raw model's for greedy decoding)."""
+    from: the processed one, truncated and renormalised; the raw model's for greedy decoding).
+
+    `uniforms` [B] in [0, 1): draw each row by inverting its own cumulative distribution at its own
+    number instead of from `generator`. A row's token then depends on that row and its number
+    alone, not on which other rows share the batch (what makes RL rollouts independent of how
+    prompts are spread over ranks and decode slots)."""
     if temperature <= 0:
         token = logits.argmax(dim=-1)
         return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
     processed = processed_logits(logits, temperature, top_k, top_p)
-    token = torch.multinomial(processed.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = processed.softmax(-1)
+    if uniforms is None:
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        token = inverse_cdf_sample(probs, uniforms)
     return token, processed.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token of each row of probs [B, V] whose cumulative mass first exceeds that row's uniform
+    (scaled by the row's total, so rounding in the sum cannot push it past the end); never a token
+    of zero probability (a truncated one)."""
+    cumulative = probs.cumsum(-1)
+    target = uniforms.to(probs.dtype)[:, None] * cumulative[:, -1:]
+    token = (cumulative <= target).sum(-1)
+    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(token, last_possible)
 
 
 @torch.no_grad()

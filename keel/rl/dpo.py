@@ -176,10 +176,15 @@ def _pairs_of(cfg: DPOConfig):
     return pairs_from_documents(files, b.n_pairs, b.prompt_words, b.response_words, b.rejected, b.seed)
 
 
+PER_TOKEN_METRICS = {"kl_ref"}  # means over a micro-batch's response tokens (the rest: over its pairs)
+
+
 @register_rl_trainer("dpo", subsection=DPOConfig)
 class DPOTrainer(RLRun):
     """Each step: pairs_per_step pairs (a seeded, resumable order) -> DPO loss in micro-batches of
-    rl.micro_batch pairs -> one optimizer step. Held-out pairs give the eval metrics."""
+    rl.micro_batch pairs -> one optimizer step. Held-out pairs give the eval metrics. Under torchrun
+    each rank takes its share of the step's pairs (keel/rl/sharding.py); the update is one process's."""
+    runs_sharded = True
 
     @classmethod
     def validate_config(cls, rl) -> None:
@@ -189,6 +194,9 @@ class DPOTrainer(RLRun):
 
     def setup(self) -> None:
         self.dpo = build_dpo_config(self.rl.dpo)
+        if self.ranks.sharded and self.dpo.lora is not None:
+            raise ConfigError("rl.dpo.lora: adapters train on one process only for now; start without torchrun, or "
+                              "drop rl.dpo.lora to train the sharded policy")
         if self.dpo.lora is not None:  # adapters only: the optimizer must see just them
             apply_lora(self.policy, self.dpo.lora, "rl.dpo.lora")
             self.optimizer, self.scheduler = adapter_optimizer(self.policy, self.cfg.optim,
@@ -203,7 +211,10 @@ class DPOTrainer(RLRun):
             raise ConfigError(f"rl.dpo.eval_fraction: leaves no training pairs out of {len(pairs)}")
         self.eval_pairs = [pairs[i] for i in order[:n_eval]]
         self.pairs = PromptStream([pairs[i] for i in order[n_eval:]], self.cfg.train.seed)
-        self.objective = DPOObjective.for_policy(self.policy, self.dpo)
+        if self.ranks.sharded and self.dpo.reference != "cached":  # a frozen reference, sharded like the policy
+            self.objective = DPOObjective(self.policy, self.dpo, self.load_model(self.rl.policy, trainable=False)[0])
+        else:
+            self.objective = DPOObjective.for_policy(self.policy, self.dpo)
 
     def _batches(self, pairs):
         size = self.rl.micro_batch
@@ -214,6 +225,14 @@ class DPOTrainer(RLRun):
             batch.input_ids, batch.response_mask = batch.input_ids.to(self.device), batch.response_mask.to(self.device)
             yield len(chunk), batch
 
+    def _my_batches(self, pairs) -> list:
+        """(weight, pairs in it, batch) of this rank's micro-batches over its share of `pairs`; a rank
+        short of pairs repeats pair 0 with weight 0 (every rank runs as many, for FSDP)."""
+        share = self.ranks.share(len(pairs))
+        mine = [(1, n, batch) for n, batch in self._batches(pairs[share.start:share.stop])]
+        missing = self.ranks.micro_batch_count(len(pairs), self.rl.micro_batch) - len(mine)
+        return mine + [(0, *next(self._batches(pairs[:1])))] * missing
+
     def _cache_reference(self, pairs):
         """The starting policy's (= the reference's) sums for every pair, computed once and kept in
         <run>/reference_logprobs.jsonl, which a resumed run reads instead of recomputing."""
@@ -223,24 +242,35 @@ class DPOTrainer(RLRun):
             if [(p.prompt, p.chosen, p.rejected) for p in cached] == [(p.prompt, p.chosen, p.rejected) for p in pairs]:
                 return cached
         scorer = DPOObjective(self.policy, self.dpo, reference=self.policy)
-        out = []
-        for n, batch in self._batches(pairs):
+        mine = []
+        for weight, n, batch in self._my_batches(pairs):
             with adapters_disabled(self.policy), self.autocast():  # the precision the policy trains in
                 sums, _ = scorer.reference_scores(batch)
-            for i, pair in enumerate(pairs[len(out):len(out) + n]):
-                out.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, float(sums[i]), float(sums[n + i])))
-        save_pairs(out, path)
+            if weight:
+                mine += [(float(sums[i]), float(sums[n + i])) for i in range(n)]
+        out = [PreferencePair(p.prompt, p.chosen, p.rejected, chosen, rejected)
+               for p, (chosen, rejected) in zip(pairs, self.ranks.gather(mine))]
+        if self.ranks.is_main:
+            save_pairs(out, path)
+        self.ranks.barrier()
         return out
 
     def _run(self, pairs, train: bool) -> dict:
         totals: dict = {}
-        for n, batch in self._batches(pairs):
+        for weight, n, batch in self._my_batches(pairs):
             with self.autocast():
                 loss, metrics = self.objective.loss(batch)
-            if train:
-                (loss * n / len(pairs)).backward()
-            for key, value in metrics.items():  # pair-weighted means (token counts: sums)
-                totals[key] = totals.get(key, 0.0) + (value if key == "response_tokens" else value * n / len(pairs))
+            if train:  # this micro-batch's share of the step's mean; FSDP's average over ranks undone
+                (loss * (weight * n / len(pairs) * self.ranks.dp_size)).backward()
+            if not weight:
+                continue
+            tokens = metrics["response_tokens"]
+            for key, value in metrics.items():  # per-pair means pair-weighted, per-token ones token-weighted
+                weight = 1 if key == "response_tokens" else tokens if key in PER_TOKEN_METRICS else n / len(pairs)
+                totals[key] = totals.get(key, 0.0) + value * weight
+        totals = self.ranks.sum_dict(totals)
+        for key in PER_TOKEN_METRICS.intersection(totals):
+            totals[key] /= max(totals["response_tokens"], 1)
         return totals
 
     def train_step(self) -> dict:

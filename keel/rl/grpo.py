@@ -7,8 +7,10 @@ rounds] -> advantages (keel/rl/advantages.py) -> trainer recomputes log-probs (t
 policy loss (+ KL to a frozen reference, - entropy bonus), token-mean over each mini-batch ->
 optimizer step(s) -> push the new weights to the engine (version = step).
 
-Every random draw is a function of (train.seed, step): prompts come from a PromptStream and each
-generation round is seeded from the step, so a resumed run repeats an uninterrupted one exactly.
+Every random draw is a function of train.seed and the prompt: prompts come from a PromptStream and
+each prompt's samples are seeded from its place in that stream, so a resumed run repeats an
+uninterrupted one exactly, and a run on many ranks (each generating a share of the prompts,
+keel/rl/sharding.py) the run on one process.
 """
 from __future__ import annotations
 
@@ -27,12 +29,16 @@ from keel.rl.prompts import load_prompts
 from keel.rl.rewards import get_reward
 from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import logprobs_of
+from keel.rl.sharding import whole_parameters
 
+ENTROPY = "policy/entropy"  # keel/rl/losses.py: a share of the mini-batch's aggregate, like loss/ terms
 ENCODED_PROMPTS_KEPT = 4096  # token ids of the most recently used prompts, for their n samples and evals
 
 
 @register_rl_trainer("grpo")
 class GRPOTrainer(RLRun):
+    runs_sharded = True
+
     @classmethod
     def validate_config(cls, rl) -> None:
         if rl.group_size < 2:  # a single rollout has no group to be compared against
@@ -53,10 +59,14 @@ class GRPOTrainer(RLRun):
         self.prompts = PromptStream(self.fitting_prompts(load_prompts(rl.prompts), "rl.prompts"), self.cfg.train.seed)
         self.eval_items = self.fitting_prompts(load_prompts(rl.eval_prompts), "rl.eval_prompts") if rl.eval_prompts else []
         self.stop_ids = self._stop_ids()
+        if self.ranks.sharded and rl.engine != "native":
+            raise ConfigError(f"rl.engine: {rl.engine} rolls out for one trainer process only for now; under "
+                              f"torchrun use rl.engine: native (each rank generates its share of the prompts)")
         self.engine = build_engine(rl.engine, self.policy, rl)
         self.reference = None
         if rl.kl_coef > 0:  # KL is measured against the starting policy, frozen
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference = (self.load_model(rl.policy, trainable=False)[0] if self.ranks.sharded
+                              else copy.deepcopy(self.policy).eval().requires_grad_(False))
         self.advantage_state: dict = {}
 
     def _stop_ids(self) -> tuple:
@@ -79,7 +89,7 @@ class GRPOTrainer(RLRun):
         if not kept:
             raise ConfigError(f"{key}: every prompt is longer than rl.max_prompt_tokens = {limit} tokens; raise it, "
                               f"or set rl.overlong_prompts: truncate_left")
-        if len(kept) < len(items):
+        if len(kept) < len(items) and self.ranks.is_main:
             print(f"keel rl: {key}: dropped {len(items) - len(kept)} of {len(items)} prompts longer than "
                   f"rl.max_prompt_tokens = {limit}", flush=True)
         return kept
@@ -113,7 +123,7 @@ class GRPOTrainer(RLRun):
 
     def sync_weights(self) -> float:
         t0 = time.perf_counter()
-        self.engine.update_weights(((n, p.detach()) for n, p in self.policy.named_parameters()), self.step)
+        self.engine.update_weights(whole_parameters(self.policy), self.step)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- rollouts
@@ -125,6 +135,27 @@ class GRPOTrainer(RLRun):
             rewards.append(float(get_reward(item.reward)(self.tokenizer.decode(tokens), item)))
         return rewards
 
+    def prompt_seed(self, position: int) -> int:
+        """The seed of the samples of the prompt at `position` in the stream (eval: its index there)."""
+        return (self.cfg.train.seed * 1_000_003 + position) * 97 + 13
+
+    def rollouts_of(self, items: list, prompt_ids: list, params: SamplingParams, first_position: int):
+        """(rollouts, rewards, the slowest rank's generation seconds) of every item, on every rank: each rank
+        generates and scores its share (keel/rl/sharding.py), then the shares are gathered."""
+        share = self.ranks.share(len(items))
+        params.prompt_seeds = tuple(self.prompt_seed(first_position + i) for i in share)
+        mine, seconds = [], 0.0
+        if len(share):
+            t0 = time.perf_counter()
+            mine = self.engine.generate([prompt_ids[i] for i in share], params)
+            seconds = time.perf_counter() - t0
+        mine_items = [items[i] for i in share]
+        rewards = self._score(mine_items, mine)
+        for ro in mine:
+            ro.prompt_index += share.start
+        gathered = self.ranks.gather(list(zip(mine, rewards)))
+        return [g[0] for g in gathered], [g[1] for g in gathered], self.ranks.all_max([seconds])[0]
+
     def collect(self) -> tuple[list, dict]:
         """Groups (item, prompt ids, rollouts, rewards) to train on, and rollout metrics."""
         rl, sampling = self.rl, self.rl.sampling
@@ -132,15 +163,14 @@ class GRPOTrainer(RLRun):
         tokens, seconds, filtered = 0, 0.0, 0
         rounds = rl.max_gen_batches if rl.dynamic_sampling else 1
         for round_ in range(rounds):
+            first = self.prompts.position
             items = self.prompts.take(rl.prompts_per_step)
             prompt_ids = [self.encode_prompt(it.prompt) for it in items]
             params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                     top_p=sampling.top_p, top_k=sampling.top_k, stop_ids=self.stop_ids,
-                                    n=rl.group_size, seed=(self.cfg.train.seed * 1_000_003 + self.step) * 97 + round_)
-            t0 = time.perf_counter()
-            rollouts = self.engine.generate(prompt_ids, params)
-            seconds += time.perf_counter() - t0
-            rewards = self._score(items, rollouts)
+                                    n=rl.group_size)
+            rollouts, rewards, round_seconds = self.rollouts_of(items, prompt_ids, params, first)
+            seconds += round_seconds
             tokens += sum(len(r.tokens) for r in rollouts)
             lengths += [len(r.tokens) for r in rollouts]
             seen_rewards += rewards
@@ -156,17 +186,18 @@ class GRPOTrainer(RLRun):
                 break
         kept = kept[:rl.prompts_per_step]
         rewards_t = torch.tensor(seen_rewards)
-        metrics = {"reward_mean": rewards_t.mean().item(), "reward_std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
-                   "response_len_mean": sum(lengths) / len(lengths), "rollout_tokens": tokens,
-                   "rollout_tokens_per_s": tokens / max(seconds, 1e-9), "rollout_time_s": seconds,
-                   "gen_rounds": round_ + 1, "groups_kept": len(kept), "groups_filtered": filtered}
+        metrics = {"reward/mean": rewards_t.mean().item(), "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
+                   "rollout/response_len_mean": sum(lengths) / len(lengths), "rollout/tokens": tokens,
+                   "rollout/tokens_per_s": tokens / max(seconds, 1e-9), "rollout/time_s": seconds,
+                   "rollout/gen_rounds": round_ + 1, "rollout/groups_kept": len(kept),
+                   "rollout/groups_filtered": filtered}
         by_task = defaultdict(list)
         for task, r in zip(seen_tasks, seen_rewards):
             by_task[task].append(r)
         for task, values in by_task.items():
             t = torch.tensor(values)
-            metrics[f"reward_mean/{task}"] = t.mean().item()
-            metrics[f"reward_std/{task}"] = t.std().item() if len(values) > 1 else 0.0
+            metrics[f"reward/mean/{task}"] = t.mean().item()
+            metrics[f"reward/std/{task}"] = t.std().item() if len(values) > 1 else 0.0
         return kept, metrics
 
     # ---------------------------------------------------------------- training
@@ -206,9 +237,9 @@ class GRPOTrainer(RLRun):
                 ref_lp = logprobs_of(self.reference, ids, mask, rl.sampling.temperature)
         loss, pg_metrics = losses.policy_loss(rl.loss, lp, old, adv, mask, loss_options(rl), is_weights,
                                               ref_logprobs=ref_lp, entropy=entropy, agg=rl.loss_agg, scale=scale)
-        metrics.update(pg_metrics)
+        metrics.update({k if "/" in k else f"policy/{k}": v for k, v in pg_metrics.items()})  # e.g. policy/clip_fraction
         with torch.no_grad():  # engine vs trainer mismatch, logged whatever the IS setting
-            metrics["logprob_abs_diff"] = float(((old - rollout_lp).abs() * mask).sum() / mask.sum().clamp(min=1))
+            metrics["is/logprob_abs_diff"] = float(((old - rollout_lp).abs() * mask).sum() / mask.sum().clamp(min=1))
         return loss, metrics
 
     def train_step(self) -> dict:
@@ -226,41 +257,67 @@ class GRPOTrainer(RLRun):
         t0 = time.perf_counter()
         self.policy.train()
         n = batch["ids"].shape[0]
+        bounds = torch.linspace(0, n, rl.mini_batches + 1).round().long().tolist()
+        plan = [(lo, hi, self._micro_slices(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         old_all = None
         if rl.mini_batches > 1:  # later mini-batches must use the pre-update policy as "old"
+            old_all = torch.zeros_like(batch["rollout_lp"])
             with torch.no_grad(), self.autocast():
-                old_all = torch.cat([logprobs_of(self.policy, batch["ids"][i:i + rl.micro_batch],
-                                                 batch["mask"][i:i + rl.micro_batch], rl.sampling.temperature)
-                                     for i in range(0, n, rl.micro_batch)])
-        sums, weights, losses_ = defaultdict(float), defaultdict(float), []
-        bounds = torch.linspace(0, n, rl.mini_batches + 1).round().long().tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+                for _, _, slices in plan:
+                    for i, j, _ in slices:
+                        old_all[i:j] = logprobs_of(self.policy, batch["ids"][i:j], batch["mask"][i:j],
+                                                   rl.sampling.temperature)
+        sums, weights, maxes, loss_sum = defaultdict(float), defaultdict(float), {}, 0.0
+        for lo, hi, slices in plan:
             scale = losses.LossScale(tokens=batch["mask"][lo:hi].sum().clamp(min=1).item(), sequences=hi - lo,
                                      horizon=rl.sampling.max_tokens)
-            for i in range(lo, hi, rl.micro_batch):
-                j = min(i + rl.micro_batch, hi)
+            for i, j, counted in slices:
                 mask = batch["mask"][i:j]
                 loss, metrics = self._micro_loss(batch["ids"][i:j], mask, batch["rollout_lp"][i:j], adv[i:j],
                                                  None if old_all is None else old_all[i:j], scale)
-                loss.backward()  # already normalised by the mini-batch's counts
-                losses_.append(loss.item())
+                # Already normalised by the whole mini-batch's counts; FSDP averages gradients over the
+                # data-parallel ranks, which each hold different sequences: undo that.
+                (loss * (counted * self.ranks.dp_size)).backward()
+                if not counted:  # a rank with no sequence left runs a zero-weighted one (see _micro_slices)
+                    continue
+                loss_sum += loss.item()
                 for k, v in metrics.items():
-                    if k.startswith("loss/"):  # already a share of the mini-batch's token-mean
+                    if k.startswith("loss/") or k == ENTROPY:  # already a share of the mini-batch's aggregate
                         sums[k] += v
-                        weights[k] = rl.mini_batches
+                    elif k.endswith("_max"):
+                        maxes[k] = max(maxes.get(k, v), v)
                     else:  # per micro-batch means: weight by tokens
                         sums[k] += v * mask.sum().item()
                         weights[k] += mask.sum().item()
             row.update(self.optimizer_step())
         train_s = time.perf_counter() - t0
-        row.update({k: sums[k] / max(weights[k], 1) for k in sums})
-        row.update({"loss": sum(losses_) / rl.mini_batches, "advantage_abs_mean": adv.abs().mean().item(),
-                    "train_tokens": batch["tokens"], "train_time_s": train_s,
-                    "train_tokens_per_s": batch["tokens"] / max(train_s, 1e-9)})
+        row.update(self._whole_step_metrics(sums, weights, maxes))
+        row.update({"loss": self.ranks.all_sum([loss_sum])[0] / rl.mini_batches,
+                    "policy/advantage_abs_mean": adv.abs().mean().item(), "train_tokens": batch["tokens"],
+                    "train_time_s": train_s, "train_tokens_per_s": batch["tokens"] / max(train_s, 1e-9)})
         self.step += 1  # the engine's weights carry the version of the step that made them
-        row["weight_sync_s"] = self.sync_weights()
+        row["rollout/weight_sync_s"] = self.sync_weights()
         self.step -= 1
         return row
+
+    def _micro_slices(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(start, stop, counted) of this rank's micro-batches of mini-batch rows [lo, hi): its share of
+        the rows, micro_batch at a time. Every rank runs as many micro-batches as the rank with the
+        largest share (FSDP's gathers and reduces must line up across ranks); a rank short of rows
+        runs row lo again with its loss weighted 0 (counted = 0)."""
+        share, size = self.ranks.share(hi - lo), self.rl.micro_batch
+        start, stop = lo + share.start, lo + share.stop
+        slices = [(i, min(i + size, stop), 1) for i in range(start, stop, size)]
+        return slices + [(lo, lo + 1, 0)] * (self.ranks.micro_batch_count(hi - lo, size) - len(slices))
+
+    def _whole_step_metrics(self, sums: dict, weights: dict, maxes: dict) -> dict:
+        """The step's metrics over every rank's micro-batches: token-weighted means, sums of the loss
+        terms' shares, maxima."""
+        sums, weights = self.ranks.sum_dict(sums), self.ranks.sum_dict(weights)
+        shares = lambda k: k.startswith("loss/") or k == ENTROPY  # noqa: E731
+        out = {k: v / max(self.rl.mini_batches if shares(k) else weights[k], 1) for k, v in sums.items()}
+        out.update(self.ranks.max_dict(maxes))
+        return out
 
     # ---------------------------------------------------------------- held-out eval
     @torch.no_grad()
@@ -269,10 +326,9 @@ class GRPOTrainer(RLRun):
             return {}
         rl = self.rl
         params = SamplingParams(max_tokens=rl.eval_max_tokens or rl.sampling.max_tokens,
-                                temperature=rl.eval_temperature, top_p=rl.eval_top_p, stop_ids=self.stop_ids,
-                                n=1, seed=self.cfg.train.seed)
-        rollouts = self.engine.generate([self.encode_prompt(it.prompt) for it in self.eval_items], params)
-        rewards = self._score(self.eval_items, rollouts)
+                                temperature=rl.eval_temperature, top_p=rl.eval_top_p, stop_ids=self.stop_ids, n=1)
+        prompt_ids = [self.encode_prompt(it.prompt) for it in self.eval_items]
+        rollouts, rewards, _ = self.rollouts_of(self.eval_items, prompt_ids, params, 0)
         out = {"eval_accuracy": sum(rewards) / len(rewards),
                "eval_response_len": sum(len(r.tokens) for r in rollouts) / len(rollouts)}
         by_task = defaultdict(list)

@@ -126,7 +126,7 @@ def policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
         ent = aggregate(entropy, mask, agg, scale)
         if entropy_coef:
             loss = loss - entropy_coef * ent
-        metrics["entropy"] = float(ent.detach())
+        metrics["policy/entropy"] = float(ent.detach())
     return loss, metrics
 
 

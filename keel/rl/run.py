@@ -32,6 +32,7 @@ from keel.config import Config, save_resolved
 from keel.data.tokenizer import Tokenizer
 from keel.errors import ConfigError
 from keel.model.registry import build_model
+from keel.rl.sharding import RLRanks, build_sharded_policy
 from keel.train import faults
 from keel.train.metrics import MetricsLogger, ProgressLine
 from keel.train.optim import build_optimizer, clip_grad_norm
@@ -128,29 +129,38 @@ def from_jsonable(value):
 class RLRun:
     """Policy + optimizer + checkpoints + metrics for one RL trainer; see the module docstring."""
 
+    # A trainer that lays its step out over data-parallel ranks (keel/rl/sharding.py) says so.
+    runs_sharded = False
+
     def __init__(self, cfg: Config):
         if cfg.rl is None:
             raise ConfigError("rl: this recipe has no rl section (use `keel train` for pretraining/SFT)")
         self.cfg, self.rl = cfg, cfg.rl
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ranks = RLRanks.start(cfg)
+        if self.ranks.sharded and not self.runs_sharded:
+            raise ConfigError(f"rl.trainer: {self.rl.trainer} runs on one process only for now (grpo runs on "
+                              f"many); start it without torchrun")
+        self.device = self.ranks.dist.device
         torch.manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.run.out_dir)
-        self.policy, self.tokenizer = load_policy(self.rl.policy, self.device)
+        self.policy, self.tokenizer = self.load_model(self.rl.policy)
         if self.policy.config.name != cfg.model.name:
             raise ConfigError(f"model.name: {cfg.model.name!r}, but rl.policy {self.rl.policy} is a "
                               f"{self.policy.config.name!r} model")
         cfg.model = self.policy.config  # the checkpoint decides the shape; saved with every checkpoint
         cfg.model.init_from = None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, self.run_dir / "config.yaml")
-        self.tokenizer.save(self.run_dir / "tokenizer")
+        if self.ranks.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir / "config.yaml")
+            self.tokenizer.save(self.run_dir / "tokenizer")
+        self.ranks.barrier()
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim,
                                                          self.total_steps * self.updates_per_step)
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         self.step = 0
         self.setup()
         self.step = self.resume()
-        self.metrics = MetricsLogger(self.run_dir, cfg, True, self.step)
+        self.metrics = MetricsLogger(self.run_dir, cfg, self.ranks.is_main, self.step)
 
     # ---------------------------------------------------------------- hooks for trainers
     @property
@@ -190,6 +200,13 @@ class RLRun:
         """Called once the policy holds its resumed weights (e.g. sync them to a rollout engine)."""
 
     # ---------------------------------------------------------------- shared pieces
+    def load_model(self, spec: str, trainable: bool = True):
+        """(model, tokenizer) of a policy-like spec: whole on one process, FSDP-sharded over ranks."""
+        if self.ranks.sharded:
+            return build_sharded_policy(spec, self.cfg, self.ranks, trainable)
+        model, tokenizer = load_policy(spec, self.device)
+        return (model if trainable else model.eval().requires_grad_(False)), tokenizer
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision.dtype == "bf16")
 
@@ -197,7 +214,7 @@ class RLRun:
         """Clip, step, advance the LR schedule, clear grads. Skips a non-finite update."""
         # Fault injection (tests): KEEL_FAULT_KILL_AT_STEP=N SIGKILLs the process here, midway
         # through step N (its gradients computed, its update not applied), as keel/train does.
-        faults.inject_kill(self.step + 1, 0)
+        faults.inject_kill(self.step + 1, self.ranks.dist.rank)
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = float(clip_grad_norm(self.policy.parameters(), max_norm))
         lr = self.scheduler.get_last_lr()[0]
@@ -209,7 +226,7 @@ class RLRun:
         return {"grad_norm": grad_norm, "lr": lr, "update_skipped": not finite}
 
     def save(self) -> Path:
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": 1,
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.ranks.dist.world_size,
                  "rl": to_jsonable(self.state_dict())}
         return self.ckpt.save(self.step, self.policy, self.optimizer, state,
                               (self.run_dir / "config.yaml").read_text())
@@ -228,13 +245,15 @@ class RLRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_state_dict(from_jsonable(state.get("rl", {})))
         self.step = state["step"]
-        print(f"keel rl: resumed from {path} (step {state['step']})", flush=True)
+        if self.ranks.is_main:
+            print(f"keel rl: resumed from {path} (step {state['step']}, saved on {state.get('world_size', 1)} "
+                  f"rank(s))", flush=True)
         self.after_resume()
         return state["step"]
 
     def train(self) -> dict:
         cfg = self.cfg
-        progress = ProgressLine(self.total_steps, self.step, cfg.logging.progress)
+        progress = ProgressLine(self.total_steps, self.step, cfg.logging.progress and self.ranks.is_main)
         summary: dict = {}
         if self.step == 0 and self.should_evaluate(0):
             baseline = self.evaluate()  # the starting policy, as step 0

@@ -16,6 +16,15 @@ class SamplingParams:
     stop_ids: tuple = ()  # a sequence ends after emitting any of these (the stop token is kept)
     n: int = 1  # samples per prompt
     seed: Optional[int] = None
+    # One seed per prompt: the draws of a prompt's samples then depend on its seed alone, not on the
+    # other prompts of the call, so a prompt's rollouts are the same whichever rank, batch or decode
+    # slot generates them (RL seeds them from the run seed and the prompt's global index).
+    prompt_seeds: Optional[tuple] = None
+
+
+def sample_seed(prompt_seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a prompt seeded `prompt_seed` (a 63-bit mix of the two)."""
+    return (int(prompt_seed) * 1_000_003 + sample * 7_919 + 1) % (2 ** 63)
 
 
 @dataclass

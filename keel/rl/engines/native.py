@@ -25,14 +25,15 @@ with 1, and SmolLM2 batch-8 float32 decode (32 tokens) went from 5.3 to 50 tok/s
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import deque
 from typing import Iterable, Optional
 
 import torch
 
 from keel.model.generation import KVCache, sample_with_logprobs
-from keel.rl.engines.base import Rollout, SamplingParams
+from keel.model.registry import build_model
+from keel.rl.engines.base import Rollout, SamplingParams, sample_seed
+from keel.rl.sharding import whole_parameters
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +45,7 @@ class _Slots:
         self.owner: list[int] = []  # index into the flat list of requests
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []
+        self.uniforms: Optional[torch.Tensor] = None  # [rows, max_tokens]: each row's own draws (prompt_seeds)
 
 
 class NativeEngine:
@@ -57,10 +59,16 @@ class NativeEngine:
 
     @classmethod
     def from_policy(cls, policy: torch.nn.Module, rl_cfg, device=None):
-        """The engine's own copy of the policy (the trainer's weights stay fp32 and trainable)."""
-        model = copy.deepcopy(policy).to(device=device or policy.tok_embeddings.weight.device,
-                                         dtype=_DTYPES[rl_cfg.engine_dtype])
-        return cls(model, rl_cfg.engine_batch, rl_cfg.engine_cpu_threads)
+        """The engine's own whole copy of the policy, built from its config (the trainer's weights
+        stay fp32 and trainable, and may be FSDP-sharded: gathered here one parameter at a time)."""
+        device = torch.device(device or next(policy.parameters()).device)
+        model = build_model(policy.config, "meta")
+        model.to_empty(device=device)
+        model.init_buffers()
+        model.to(dtype=_DTYPES[rl_cfg.engine_dtype])
+        engine = cls(model, rl_cfg.engine_batch, rl_cfg.engine_cpu_threads)
+        engine.update_weights(whole_parameters(policy), 0)
+        return engine
 
     @contextlib.contextmanager
     def _decode_threads(self):
@@ -111,6 +119,7 @@ class NativeEngine:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        draws = self._draws(len(prompts), sampling)
         stop = torch.tensor(list(sampling.stop_ids) or [-1], device=self.device)
         slots = _Slots()
         inputs = torch.zeros(width, dtype=torch.long, device=self.device)
@@ -119,8 +128,11 @@ class NativeEngine:
             slots.owner.append(-1)
             slots.tokens.append([])
             slots.logprobs.append([])
+        if draws is not None:
+            slots.uniforms = torch.zeros(width, sampling.max_tokens, dtype=torch.float64, device=self.device)
         prefilled: dict = {}
-        self._refill(cache, rows, [waiting.popleft() for _ in rows], requests, slots, inputs, prefilled, sampling.n)
+        self._refill(cache, rows, [waiting.popleft() for _ in rows], requests, slots, inputs, prefilled, sampling.n,
+                     draws)
 
         while slots.owner:
             if cache.length + 1 > cache.max_len:
@@ -129,8 +141,12 @@ class NativeEngine:
             logits = self.model(inputs[:, None], cache=cache)[:, -1].float()
             # The log-probability of the distribution actually sampled (top-k/top-p truncated): the
             # behaviour policy that truncated importance sampling corrects for.
+            uniforms = None
+            if slots.uniforms is not None:  # each row's next own draw
+                made = torch.tensor([len(t) for t in slots.tokens], device=self.device)
+                uniforms = slots.uniforms.gather(1, made[:, None]).squeeze(1)
             nxt, logprobs = sample_with_logprobs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                                 generator)
+                                                 generator, uniforms)
             # One device -> host transfer per decoded token (float64 holds token ids exactly).
             host = torch.stack([nxt.double(), torch.isin(nxt, stop).double(), logprobs.double()]).tolist()
             nxt_list, stopped, lp_list = [int(t) for t in host[0]], [bool(x) for x in host[1]], host[2]
@@ -149,14 +165,28 @@ class NativeEngine:
             refill = finished[:len(waiting)]
             if refill:
                 self._refill(cache, refill, [waiting.popleft() for _ in refill], requests, slots, inputs,
-                             prefilled, sampling.n)
+                             prefilled, sampling.n, draws)
             gone = finished[len(refill):]
             if gone:
                 inputs = self._drop_rows(cache, gone, slots, inputs)
         return results  # type: ignore[return-value]
 
+    def _draws(self, n_prompts: int, sampling: SamplingParams):
+        """Per request (prompt-major, n samples each) its own max_tokens uniforms, from its prompt's
+        seed and sample number (SamplingParams.prompt_seeds), or None without prompt seeds."""
+        if sampling.prompt_seeds is None or sampling.temperature <= 0:
+            return None
+        if len(sampling.prompt_seeds) != n_prompts:
+            raise ValueError(f"native engine: {len(sampling.prompt_seeds)} prompt seeds for {n_prompts} prompts")
+        out = []
+        for seed in sampling.prompt_seeds:
+            for sample in range(sampling.n):
+                g = torch.Generator().manual_seed(sample_seed(seed, sample))
+                out.append(torch.rand(sampling.max_tokens, generator=g, dtype=torch.float64))
+        return torch.stack(out).to(self.device)
+
     def _refill(self, cache: KVCache, rows: list[int], reqs: list[int], requests, slots: _Slots,
-                inputs: torch.Tensor, prefilled: dict, n_samples: int) -> None:
+                inputs: torch.Tensor, prefilled: dict, n_samples: int, draws: Optional[torch.Tensor]) -> None:
         """Place requests `reqs` into `rows`: all but their last prompt token come from the cache's
         keys/values of that prompt, prefilled once for all n samples of it (`prefilled`: prompt index
         -> [keys, values, samples not yet placed], kept only while some sample still waits)."""
@@ -179,6 +209,8 @@ class NativeEngine:
             if entry[2] == 0:  # the prompt's last sample is placed: its prefill is no longer needed
                 del prefilled[prompt_index]
             slots.owner[row], slots.tokens[row], slots.logprobs[row] = req, [], []
+            if draws is not None:
+                slots.uniforms[row] = draws[req]
             inputs[row] = prompt[-1]
 
     def _prefill(self, new: dict, n_samples: int, prefilled: dict) -> None:
@@ -216,6 +248,8 @@ class NativeEngine:
         slots.owner = [slots.owner[r] for r in keep]
         slots.tokens = [slots.tokens[r] for r in keep]
         slots.logprobs = [slots.logprobs[r] for r in keep]
+        if slots.uniforms is not None:
+            slots.uniforms = slots.uniforms.index_select(0, index)
         return inputs.index_select(0, index)
 
     @staticmethod

@@ -81,10 +81,15 @@ class VLLMEngine:
         self.wake_up()
         # vLLM's logprobs are the raw model's (temperature 1). keel's trainer scores tokens at the
         # sampling temperature, so rollout temperature 1.0 (GoLongRL's) keeps the IS ratios exact.
-        params = self.vllm.SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_tokens,
-            stop_token_ids=list(sampling.stop_ids), seed=sampling.seed, logprobs=0, detokenize=False)
+        def params_with(seed):
+            return self.vllm.SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_tokens,
+                stop_token_ids=list(sampling.stop_ids), seed=seed, logprobs=0, detokenize=False)
+        # Per-prompt seeds (SamplingParams.prompt_seeds): one vLLM request seed each, so a prompt's
+        # samples do not depend on the other requests of the batch.
+        params = (params_with(sampling.seed) if sampling.prompt_seeds is None
+                  else [params_with(seed) for seed in sampling.prompt_seeds])
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         rollouts = []
         for index, request in enumerate(outputs):
