@@ -31,8 +31,13 @@ from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import logprobs_of
 from keel.rl.sharding import whole_parameters
 
-ENTROPY = "policy/entropy"  # keel/rl/losses.py: a share of the mini-batch's aggregate, like loss/ terms
 ENCODED_PROMPTS_KEPT = 4096  # token ids of the most recently used prompts, for their n samples and evals
+
+
+def is_loss_share(key: str) -> bool:
+    """A metric that is this micro-batch's share of the mini-batch's aggregate (the loss terms and the
+    entropy, keel/rl/losses.py): summed over micro-batches, not averaged."""
+    return key.startswith("loss/") or key == "policy/entropy"
 
 
 @register_rl_trainer("grpo")
@@ -282,7 +287,7 @@ class GRPOTrainer(RLRun):
                     continue
                 loss_sum += loss.item()
                 for k, v in metrics.items():
-                    if k.startswith("loss/") or k == ENTROPY:  # already a share of the mini-batch's aggregate
+                    if is_loss_share(k):
                         sums[k] += v
                     elif k.endswith("_max"):
                         maxes[k] = max(maxes.get(k, v), v)
@@ -314,8 +319,7 @@ class GRPOTrainer(RLRun):
         """The step's metrics over every rank's micro-batches: token-weighted means, sums of the loss
         terms' shares, maxima."""
         sums, weights = self.ranks.sum_dict(sums), self.ranks.sum_dict(weights)
-        shares = lambda k: k.startswith("loss/") or k == ENTROPY  # noqa: E731
-        out = {k: v / max(self.rl.mini_batches if shares(k) else weights[k], 1) for k, v in sums.items()}
+        out = {k: v / max(self.rl.mini_batches if is_loss_share(k) else weights[k], 1) for k, v in sums.items()}
         out.update(self.ranks.max_dict(maxes))
         return out
 
