@@ -87,14 +87,15 @@ def _tiny_overrides(out_dir, policy, prompts, **extra):
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-# Runs one GRPO recipe in a fresh process, with the test's length reward registered.
+# Runs one GRPO recipe in a fresh process, with the test's length reward registered (exit 75 when preempted).
 _KILLED_RUN = """
 import sys
 import keel
 from keel.rl.grpo import GRPOTrainer
 from keel.rl.rewards import register_reward
 register_reward("test_length_mod")(lambda text, item: (len(text) % 5) / 4)
-GRPOTrainer(keel.load_recipe(sys.argv[1], sys.argv[2:])).train()
+summary = GRPOTrainer(keel.load_recipe(sys.argv[1], sys.argv[2:])).train()
+sys.exit(75 if summary.get("preempted") else 0)  # as `keel rl` does
 """
 
 
@@ -231,3 +232,31 @@ def test_layouts_rl_cannot_run_are_one_clear_error(tmp_path, tiny_policy, overri
     prompts.write_text(json.dumps({"prompt": "Say something.", "answer": "x"}) + "\n")
     with pytest.raises(ConfigError, match=message):
         GRPOTrainer(keel.load_recipe(RECIPE, _tiny_overrides(tmp_path, tiny_policy, prompts) + [override]))
+
+
+def test_preemption_signal_stops_on_a_checkpoint_and_marks_the_run(tmp_path, tiny_policy):
+    """SIGUSR1 (SLURM's warning before preemption) mid-run: the run finishes its step, commits a
+    checkpoint there, leaves PREEMPTED for the job script, exits 75; run again, it resumes there."""
+    import signal
+    import time
+
+    _length_reward()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "answer": "x"}) + "\n"
+                               for w in ("the sea", "bread", "a king")))
+    overrides = _tiny_overrides(tmp_path / "run", tiny_policy, prompts, **{"rl.steps": 200})
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(RECIPE), *overrides], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    step = read_metrics(tmp_path / "run")[-1]["step"]
+    assert 1 <= step < 200
+    marker = json.loads((tmp_path / "run" / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGUSR1" and marker["step"] == step
+    assert (tmp_path / "run" / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
+    assert "checkpointing after this step" in err

@@ -74,8 +74,12 @@ def cmd_rl(args) -> None:
     from keel.rl.config import get_rl_trainer
     from keel.train.launch import shutdown_distributed
 
+    from keel.train.faults import preempted_exit_code
+
     summary = get_rl_trainer(cfg.rl.trainer)(cfg).train()
     shutdown_distributed()
+    if summary.get("preempted"):  # checkpoint committed: exit so that the job can be requeued
+        sys.exit(preempted_exit_code())
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
     run_dir = os.path.abspath(cfg.run.out_dir)

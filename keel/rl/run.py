@@ -8,7 +8,9 @@ resumable state (prompt position, estimator state: plain Python and tensors) and
 
   setup    policy from `rl.policy` (`smollm2`, an HF folder/.gguf, or a keel run/checkpoint) ->
            optimizer + LR schedule (keel/train/optim.py, over rl.steps) -> resume -> metrics
-  loop     train_step -> optimizer step (grad clip) -> metrics.jsonl / wandb -> checkpoint every N
+  loop     train_step -> optimizer step (grad clip) -> metrics.jsonl / wandb -> checkpoint every N;
+           SIGUSR1/SIGTERM (SLURM preemption): stop after the step on a checkpoint, leave PREEMPTED
+           (keel/train/faults.py), exit so the job can be requeued
   resume   policy, optimizer, scheduler, step, the trainer's state and every RNG, from the newest
            committed (atomic) checkpoint (keel/checkpoint/dcp.py); a killed run picks up exactly
            where its last checkpoint left it.
@@ -140,7 +142,7 @@ class RLRun:
         if self.ranks.sharded and not self.runs_sharded:
             raise ConfigError(f"rl.trainer: {self.rl.trainer} runs on one process only for now (grpo runs on "
                               f"many); start it without torchrun")
-        self.device = self.ranks.dist.device
+        self.dist, self.device = self.ranks.dist, self.ranks.dist.device
         torch.manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.run.out_dir)
         self.policy, self.tokenizer = self.load_model(self.rl.policy)
@@ -161,6 +163,7 @@ class RLRun:
         self.setup()
         self.step = self.resume()
         self.metrics = MetricsLogger(self.run_dir, cfg, self.ranks.is_main, self.step)
+        self.guard = faults.StepGuard(self, self.total_steps)  # SIGUSR1/SIGTERM: checkpoint, then exit
 
     # ---------------------------------------------------------------- hooks for trainers
     @property
@@ -272,8 +275,10 @@ class RLRun:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
             summary = row
+            if self.guard.preempted():  # SIGUSR1/SIGTERM on any rank: stop here, on a checkpoint
+                break
         progress.close()
         summary["checkpoint"] = str(self.ckpt.final(self.step, self.save))  # always end on a checkpoint
         summary["wandb_dir"] = self.metrics.wandb_dir
         self.metrics.close()
-        return summary
+        return self.guard.finish(summary)  # a preempted run: summary["preempted"], requeue marker

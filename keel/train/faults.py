@@ -78,8 +78,8 @@ def preempted_exit_code() -> int:
 class StepGuard:
     """What the trainer asks after every step: was it finite, and has the job been preempted?"""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, trainer, total_steps: int):
+        self.trainer, self.total_steps = trainer, total_steps
         self.flag = preemption_flag()
         self.preempted_by = None
         self.rolled_back_from: set[int] = set()
@@ -125,7 +125,7 @@ class StepGuard:
         if not self.flag.settled:
             self.flag.settle(int(self.flag.poll(t.dist.device).item()))
         self.flag.settled = False
-        if self.preempted_by is None and t.step < t.cfg.train.steps and self.flag.agreed:
+        if self.preempted_by is None and t.step < self.total_steps and self.flag.agreed:
             self.preempted_by = self.flag.signal_name
         return self.preempted_by is not None
 

@@ -66,7 +66,7 @@ class Trainer:
         # Only now, with everything checked and loaded, is the run directory written: a start that
         # fails leaves an existing run's config.yaml and tokenizer untouched, and makes no folder.
         self._setup_run_dir()
-        self.guard = faults.StepGuard(self)  # preemption signals and the non-finite policy
+        self.guard = faults.StepGuard(self, cfg.train.steps)  # preemption signals and the non-finite policy
         self.metrics = MetricsLogger(self.run_dir, cfg, self.dist.is_main, self.step)
         self.peak_flops = device_peak_flops(self.dist.device)
         flops = getattr(cfg.model, "flops_per_token", None)  # a family without it gets no MFU
