@@ -183,7 +183,7 @@ def test_overlong_prompts_are_filtered_before_templating_or_cut_when_asked(tmp_p
 
 def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy):
     """GRPO under torchrun with FSDP2 over 2 ranks (each generating its share of the prompts, each
-    training on its share of every mini-batch, one rank short of rows in the second) logs the same
+    training on its share of every mini-batch in packed token-budget micro-batches) logs the same
     rollouts, rewards, loss and grad norm as one process and ends on the same weights; its 2-step
     run, continued on one process, goes on exactly as the one-process run did."""
     _length_reward()
@@ -197,9 +197,16 @@ def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_
     layout = {"rl.prompts_per_step": 3, "rl.group_size": 3, "rl.micro_batch": 2, "rl.engine_batch": 4,
               "precision.dtype": "fp32", "rl.engine_dtype": "float32", "rl.sampling.top_k": 20}
     _train(_tiny_overrides(tmp_path / "one", tiny_policy, prompts, **layout))
+    tokenizer = keel.load_tokenizer(tiny_policy)
+    max_length = 6 + max(len(tokenizer.encode(tokenizer.hf.apply_chat_template(
+        [{"role": "user", "content": json.loads(line)["prompt"]}], tokenize=False, add_generation_prompt=True)))
+        for line in prompts.read_text().splitlines())
     script = tmp_path / "grpo_run.py"
     script.write_text(_KILLED_RUN)
-    two = _tiny_overrides(tmp_path / "two", tiny_policy, prompts, **layout, **{"rl.steps": 2})
+    # The 2-rank half also forms micro-batches by a token budget (about two sequences each, packed
+    # into one row): the ranks then differ in micro-batch counts and the short one runs fillers.
+    two = _tiny_overrides(tmp_path / "two", tiny_policy, prompts, **layout,
+                          **{"rl.steps": 2, "rl.micro_batch_tokens": 2 * max_length})
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(RECIPE), *two], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

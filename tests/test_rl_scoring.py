@@ -75,3 +75,33 @@ def test_logprobs_of_scores_only_response_tokens_like_the_full_path():
     row, t = 1, 5
     logits = model.hidden_states(ids)[row, t - 1] @ model.head.T
     assert torch.isclose(chunked[row, t], logits.log_softmax(-1)[ids[row, t]])
+
+
+def test_packed_scores_equal_the_padded_ones_in_values_and_gradients():
+    """Three sequences of different lengths packed into one document-masked row (no padding
+    computed) give the padded batch's log-probs, entropies and gradients."""
+    from keel.model.backbone import Transformer, TransformerConfig
+    from keel.rl.scoring import packed_logprobs_of
+
+    torch.manual_seed(2)
+    model = Transformer(TransformerConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64))
+    model.init_weights()
+    lengths = [9, 14, 5]
+    ids = torch.randint(64, (3, 14))
+    mask = torch.zeros(3, 14, dtype=torch.bool)
+    mask[0, 3:9], mask[1, 6:14], mask[2, 1:5] = True, True, True
+    for i, n in enumerate(lengths):
+        ids[i, n:] = 0  # padding
+
+    def scored(fn, *extra):
+        model.zero_grad()
+        lp, ent = fn(model, ids, mask, *extra, temperature=0.8, with_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    padded, packed = scored(logprobs_of), scored(packed_logprobs_of, lengths)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
+    assert (packed[0][~mask] == 0).all() and (packed[0][mask] < 0).all()
+    for a, b in zip(packed[2], padded[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

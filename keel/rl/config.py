@@ -88,7 +88,10 @@ class RLConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO filter_groups)
     max_gen_batches: int = 4  # dynamic sampling: generation rounds per step before training anyway
     mini_batches: int = 1  # optimizer updates per step (PPO mini-batches), 1 epoch
-    micro_batch: int = 8  # sequences per forward/backward
+    micro_batch: int = 8  # sequences per forward/backward (padded to the micro-batch's longest)
+    # > 0: micro-batches by a token budget instead, each packed into one row (document-masked, no
+    # padding computed); a sequence longer than the budget goes alone. GRPO only.
+    micro_batch_tokens: int = 0
 
 
 # ------------------------------------------------------------------ the trainer registry
@@ -133,7 +136,7 @@ def validate_rl(rl: RLConfig) -> None:
                 "mini_batches", "max_gen_batches", "max_prompt_tokens"):
         if getattr(rl, key) <= 0:
             raise ConfigError(f"rl.{key}: must be > 0, got {getattr(rl, key)}")
-    for key in ("is_cap", "kl_coef", "entropy_coef", "eval_every", "eval_max_tokens"):
+    for key in ("is_cap", "kl_coef", "entropy_coef", "eval_every", "eval_max_tokens", "micro_batch_tokens"):
         if getattr(rl, key) < 0:
             raise ConfigError(f"rl.{key}: must be >= 0, got {getattr(rl, key)}")
     s = rl.sampling

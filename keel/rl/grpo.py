@@ -28,7 +28,7 @@ from keel.rl.engines import SamplingParams, build_engine
 from keel.rl.prompts import load_prompts
 from keel.rl.rewards import get_reward
 from keel.rl.run import PromptStream, RLRun
-from keel.rl.scoring import logprobs_of
+from keel.rl.scoring import logprobs_of, packed_logprobs_of
 from keel.rl.sharding import whole_parameters
 
 ENCODED_PROMPTS_KEPT = 4096  # token ids of the most recently used prompts, for their n samples and evals
@@ -223,13 +223,26 @@ class GRPOTrainer(RLRun):
             mask[i, start:len(s)] = True
             rollout_lp[i, start:len(s)] = torch.tensor(lp)
         return {"ids": ids.to(self.device), "mask": mask.to(self.device), "rollout_lp": rollout_lp.to(self.device),
-                "tokens": sum(len(s) for s in seqs)}
+                "tokens": sum(len(s) for s in seqs), "lengths": [len(s) for s in seqs]}
 
-    def _micro_loss(self, ids, mask, rollout_lp, adv, old_lp, scale: losses.LossScale):
-        """Loss of one micro-batch, normalised by the mini-batch's counts (`scale`), and its metrics."""
+    def _logprobs(self, model, batch: dict, i: int, j: int, with_entropy: bool = False):
+        """Log-probs (and entropies) [j - i, width] of rows i..j, width = their longest: padded rows, or
+        packed into one row under rl.micro_batch_tokens."""
+        lengths = batch["lengths"][i:j]
+        width = max(lengths)
+        ids, mask = batch["ids"][i:j, :width], batch["mask"][i:j, :width]
+        if self.rl.micro_batch_tokens:
+            return packed_logprobs_of(model, ids, mask, lengths, self.rl.sampling.temperature, with_entropy)
+        return logprobs_of(model, ids, mask, self.rl.sampling.temperature, with_entropy=with_entropy)
+
+    def _micro_loss(self, batch: dict, i: int, j: int, adv, old_lp, scale: losses.LossScale):
+        """Loss of micro-batch rows i..j, normalised by the mini-batch's counts (`scale`), and its metrics."""
         rl = self.rl
+        width = max(batch["lengths"][i:j])
+        mask, rollout_lp, adv = batch["mask"][i:j, :width], batch["rollout_lp"][i:j, :width], adv[i:j]
+        old_lp = None if old_lp is None else old_lp[i:j, :width]
         with self.autocast():
-            out = logprobs_of(self.policy, ids, mask, rl.sampling.temperature, with_entropy=rl.entropy_coef > 0)
+            out = self._logprobs(self.policy, batch, i, j, with_entropy=rl.entropy_coef > 0)
         lp, entropy = out if isinstance(out, tuple) else (out, None)
         old = lp.detach() if old_lp is None else old_lp
         is_weights, metrics = None, {}
@@ -239,7 +252,7 @@ class GRPOTrainer(RLRun):
         ref_lp = None
         if self.reference is not None:
             with torch.no_grad(), self.autocast():
-                ref_lp = logprobs_of(self.reference, ids, mask, rl.sampling.temperature)
+                ref_lp = self._logprobs(self.reference, batch, i, j)
         loss, pg_metrics = losses.policy_loss(rl.loss, lp, old, adv, mask, loss_options(rl), is_weights,
                                               ref_logprobs=ref_lp, entropy=entropy, agg=rl.loss_agg, scale=scale)
         metrics.update({k if "/" in k else f"policy/{k}": v for k, v in pg_metrics.items()})  # e.g. policy/clip_fraction
@@ -263,23 +276,22 @@ class GRPOTrainer(RLRun):
         self.policy.train()
         n = batch["ids"].shape[0]
         bounds = torch.linspace(0, n, rl.mini_batches + 1).round().long().tolist()
-        plan = [(lo, hi, self._micro_slices(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        plan = [(lo, hi, self._micro_slices(lo, hi, batch["lengths"])) for lo, hi in zip(bounds[:-1], bounds[1:])]
         old_all = None
         if rl.mini_batches > 1:  # later mini-batches must use the pre-update policy as "old"
             old_all = torch.zeros_like(batch["rollout_lp"])
             with torch.no_grad(), self.autocast():
                 for _, _, slices in plan:
                     for i, j, _ in slices:
-                        old_all[i:j] = logprobs_of(self.policy, batch["ids"][i:j], batch["mask"][i:j],
-                                                   rl.sampling.temperature)
+                        width = max(batch["lengths"][i:j])
+                        old_all[i:j, :width] = self._logprobs(self.policy, batch, i, j)
         sums, weights, maxes, loss_sum = defaultdict(float), defaultdict(float), {}, 0.0
         for lo, hi, slices in plan:
             scale = losses.LossScale(tokens=batch["mask"][lo:hi].sum().clamp(min=1).item(), sequences=hi - lo,
                                      horizon=rl.sampling.max_tokens)
             for i, j, counted in slices:
                 mask = batch["mask"][i:j]
-                loss, metrics = self._micro_loss(batch["ids"][i:j], mask, batch["rollout_lp"][i:j], adv[i:j],
-                                                 None if old_all is None else old_all[i:j], scale)
+                loss, metrics = self._micro_loss(batch, i, j, adv, old_all, scale)
                 # Already normalised by the whole mini-batch's counts; FSDP averages gradients over the
                 # data-parallel ranks, which each hold different sequences: undo that.
                 (loss * (counted * self.ranks.dp_size)).backward()
@@ -305,15 +317,27 @@ class GRPOTrainer(RLRun):
         self.step -= 1
         return row
 
-    def _micro_slices(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    def _micro_slices(self, lo: int, hi: int, lengths: list[int]) -> list[tuple[int, int, int]]:
         """(start, stop, counted) of this rank's micro-batches of mini-batch rows [lo, hi): its share of
-        the rows, micro_batch at a time. Every rank runs as many micro-batches as the rank with the
+        the rows, micro_batch at a time (or as many as fit rl.micro_batch_tokens). Every rank runs as many micro-batches as the rank with the
         largest share (FSDP's gathers and reduces must line up across ranks); a rank short of rows
         runs row lo again with its loss weighted 0 (counted = 0)."""
-        share, size = self.ranks.share(hi - lo), self.rl.micro_batch
+        share, size, budget = self.ranks.share(hi - lo), self.rl.micro_batch, self.rl.micro_batch_tokens
         start, stop = lo + share.start, lo + share.stop
-        slices = [(i, min(i + size, stop), 1) for i in range(start, stop, size)]
-        return slices + [(lo, lo + 1, 0)] * (self.ranks.micro_batch_count(hi - lo, size) - len(slices))
+        if not budget:
+            slices = [(i, min(i + size, stop), 1) for i in range(start, stop, size)]
+            return slices + [(lo, lo + 1, 0)] * (self.ranks.micro_batch_count(hi - lo, size) - len(slices))
+        slices, first, used = [], start, 0  # in order, as many rows as fit the budget (at least one)
+        for row in range(start, stop):
+            n = lengths[row]
+            if row > first and used + n > budget:
+                slices.append((first, row, 1))
+                first, used = row, 0
+            used += n
+        if stop > start:
+            slices.append((first, stop, 1))
+        most = int(self.ranks.all_max([len(slices)])[0])  # the ranks' counts differ: every rank runs the most
+        return slices + [(lo, lo + 1, 0)] * (most - len(slices))
 
     def _whole_step_metrics(self, sums: dict, weights: dict, maxes: dict) -> dict:
         """The step's metrics over every rank's micro-batches: token-weighted means, sums of the loss

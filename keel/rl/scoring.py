@@ -67,6 +67,27 @@ def logprobs_of(model: torch.nn.Module, sequences: torch.Tensor, response_mask: 
     return (out, _scatter(entropy, scored, sequences.shape)) if with_entropy else out
 
 
+def packed_logprobs_of(model: torch.nn.Module, sequences: torch.Tensor, response_mask: torch.Tensor,
+                       lengths: list[int], temperature: float = 1.0, with_entropy: bool = False,
+                       chunk: int = SCORE_CHUNK):
+    """`logprobs_of`, with the right-padded rows [B, L] packed end to end into one row of sum(lengths)
+    tokens for the forward (document masking keeps each sequence to itself, positions restart), so
+    no compute goes to padding; the results come back in the padded [B, L] layout (a response
+    token's place among all response tokens is the same in both layouts). Every sequence must start
+    with at least one prompt token."""
+    device = sequences.device
+    ids = torch.cat([sequences[i, :n] for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    doc_ids = torch.cat([torch.full((n,), i, device=device, dtype=torch.long) for i, n in enumerate(lengths)])[None]
+    packed_mask = torch.cat([response_mask[i, :n] for i, n in enumerate(lengths)])[None]
+    hidden = model.hidden_states(ids, positions=positions, doc_ids=doc_ids)
+    scored = packed_mask[:, 1:]  # a response token's predecessor is in its own sequence (prompts are not empty)
+    picked, entropy = token_scores(hidden[:, :-1][scored], model.head_weight(), ids[:, 1:][scored],
+                                   temperature, with_entropy, chunk)
+    out = _scatter(picked, response_mask[:, 1:], sequences.shape)
+    return (out, _scatter(entropy, response_mask[:, 1:], sequences.shape)) if with_entropy else out
+
+
 def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
                       full: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(token_logps [B, L], zero off the response; full log-softmax [N, V] of the N response
