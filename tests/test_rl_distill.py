@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import keel
 from keel.errors import ConfigError, DataError
-from keel.rl.distill import (AlternatingSchedule, OPDTrainer, build_opd_config, full_vocab_signal, gap_scores,
+from keel.rl.distill import (AlternatingSchedule, build_opd_config, full_vocab_signal, gap_scores,
                              pack_rollouts, reverse_kl_advantages, route_teachers, sampled_signal, select_by_gap)
+from keel.rl.opd import OPDTrainer
 from keel.rl.scoring import full_vocab_kl
 
 RECIPE = "recipes/rl/opd-tiny.yaml"
@@ -191,6 +192,31 @@ def test_camopd_trainer_alternates_selects_and_resumes_exactly(tmp_path, tiny_mo
     for name, value in w_straight.items():
         torch.testing.assert_close(w_resumed[name], value, rtol=0, atol=1e-7, msg=name)
     assert not math.isclose(rows[0]["loss"], rows[-1]["loss"])
+
+
+def test_two_rank_fsdp_camopd_equals_one_process_and_resumes_on_one(tmp_path, tiny_models):
+    """CaMOPD with the full-vocabulary signal under torchrun, FSDP2 over 2 ranks (student and both
+    teachers sharded, each micro-batch calling every teacher on every rank): the same rows as one
+    process; stopped after 2 steps and continued on one process, the same weights."""
+    from tests.conftest import assert_weights_agree_to_rounding, run_keel
+
+    def overrides(run, steps):
+        return _camopd_overrides(tmp_path, tiny_models, run, steps) + [
+            "rl.opd.lora=null", "rl.opd.signal=full_vocab", "rl.micro_batch=2", "precision.dtype=fp32",
+            "rl.engine_dtype=float32", "rl.sampling.top_k=20", "optim.lr=1e-3"]
+
+    OPDTrainer(keel.load_recipe(RECIPE, overrides("one", 3))).train()
+    run_keel(["rl", RECIPE, *overrides("two", 2)], nproc=2)
+    OPDTrainer(keel.load_recipe(RECIPE, overrides("two", 3))).train()  # resumes at step 2 on one process
+    one, two = ([r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+                for run in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3] and [r["domain_step"] for r in two] == [0.0, 0.0, 1.0]
+    for a, b in zip(one, two):
+        for key in ("response_len_mean", "kept_fraction", "trained_tokens"):
+            assert b[key] == a[key], (a["step"], key)
+        for key in ("loss", "reverse_kl_sampled", "reverse_kl_full_kept", "gap_mean", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_weights_agree_to_rounding(keel.load(tmp_path / "one").state_dict(), keel.load(tmp_path / "two").state_dict())
 
 
 def test_teachers_and_student_score_in_micro_batches_like_all_at_once():

@@ -28,8 +28,6 @@ The keep ratio and n_g are not in the available text (n_g = 3 reads the paper's 
 from __future__ import annotations
 
 import math
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
@@ -37,14 +35,8 @@ import torch
 
 from keel.config import build_dataclass
 from keel.errors import ConfigError, DataError
-from keel.model.lora import LoRAConfig, apply_lora, has_lora, merged_state_dict
-from keel.rl.config import register_rl_trainer
-from keel.rl.engines import SamplingParams, build_engine
-from keel.rl.grpo import GRPOTrainer
-from keel.rl.prompts import load_prompts
-from keel.rl.run import PromptStream, RLRun, load_policy
+from keel.model.lora import LoRAConfig
 from keel.rl.scoring import full_vocab_kl, response_logprobs
-from keel.train.optim import adapter_optimizer
 
 
 # ---------------------------------------------------------------- config
@@ -184,13 +176,19 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 
 @torch.no_grad()
-def teacher_scores(teachers: dict, batch: DistillBatch, full: bool = False, micro_batch: Optional[int] = None):
+def teacher_scores(teachers: dict, batch: DistillBatch, full: bool = False, micro_batch: Optional[int] = None,
+                   every_teacher: bool = False):
     """Teacher token logps [B, L] (each row under its own routed teacher) and, with `full`, the
     teachers' log-softmax rows [N, V] in the batch's row-major token order. Rows are scored
     `micro_batch` at a time (None: all of a teacher's rows at once), so a step's batch never has to
-    fit one forward."""
+    fit one forward. `every_teacher`: a teacher no row is routed to scores row 0 anyway and the
+    result is dropped — sharded teachers (FSDP) need every rank to run each one equally often."""
     token_logps = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     full_rows: list = [None] * len(batch.teachers)
+    if every_teacher:
+        for name in sorted(set(teachers) - set(batch.teachers)):
+            first = batch.rows([0])
+            response_logprobs(teachers[name], first.input_ids, first.response_mask, full)
     for name in sorted(set(batch.teachers)):
         mine = [i for i, t in enumerate(batch.teachers) if t == name]
         size = micro_batch or len(mine)
@@ -216,14 +214,15 @@ def student_scores(student: torch.nn.Module, batch: DistillBatch, micro_batch: i
 
 
 def distill_loss_sum(student: torch.nn.Module, teachers: dict, batch: DistillBatch, signal: str,
-                     teacher_logps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                     teacher_logps: Optional[torch.Tensor] = None, every_teacher: bool = False
+                     ) -> tuple[torch.Tensor, dict]:
     """Sum over the batch's response tokens of the signal's per-token loss (the caller divides by
-    the step's token count), and sums for the metrics."""
+    the step's token count), and sums for the metrics. `every_teacher`: see teacher_scores."""
     full = signal in NEEDS_FULL_VOCAB
     student_logps, student_full = response_logprobs(student, batch.input_ids, batch.response_mask, full)
     teacher_full = None
     if teacher_logps is None or full:
-        teacher_logps, teacher_full = teacher_scores(teachers, batch, full)
+        teacher_logps, teacher_full = teacher_scores(teachers, batch, full, every_teacher=every_teacher)
     mask = batch.response_mask.float()
     per_token = OPD_SIGNALS[signal](student_logps, teacher_logps, mask, student_full, teacher_full)
     gap = (student_logps.detach() - teacher_logps)[batch.response_mask]
@@ -231,160 +230,3 @@ def distill_loss_sum(student: torch.nn.Module, teachers: dict, batch: DistillBat
     if full:
         sums["reverse_kl_full"] = full_vocab_kl(student_full.detach(), teacher_full).sum().item()
     return per_token.sum(), sums
-
-
-# ---------------------------------------------------------------- the trainer (`keel rl`, rl.trainer: opd)
-
-
-@register_rl_trainer("opd", subsection=OPDConfig)
-class OPDTrainer(RLRun):
-    """Each step: [CaMOPD: pick the branch] -> prompts_per_step prompts -> group_size student samples
-    each (rollout engine) -> teachers score them (routed by source) -> [CaMOPD: keep the high-gap
-    samples] -> distillation loss in micro-batches of rl.micro_batch sequences -> one optimizer
-    step -> weights to the engine. Every draw is a function of (train.seed, step): resume is exact."""
-
-    _stop_ids = GRPOTrainer._stop_ids
-    encode_prompt = GRPOTrainer.encode_prompt
-    fitting_prompts = GRPOTrainer.fitting_prompts
-
-    @classmethod
-    def validate_config(cls, rl) -> None:
-        if not rl.prompts:
-            raise ConfigError("rl.prompts: required, a prompt source (for CaMOPD: the general prompts)")
-        build_opd_config(rl.opd)
-
-    def setup(self) -> None:
-        rl, seed = self.rl, self.cfg.train.seed
-        self.opd = build_opd_config(rl.opd)
-        self.camopd = self.opd.camopd
-        self.schedule = AlternatingSchedule(self.camopd.n_general) if self.camopd else None
-        self.stop_ids, self._encoded = self._stop_ids(), OrderedDict()
-        self.engine = build_engine(rl.engine, self.policy, rl)  # a plain copy: LoRA is merged on sync
-        if self.opd.lora is not None:
-            apply_lora(self.policy, self.opd.lora, "rl.opd.lora")
-            self.optimizer, self.scheduler = adapter_optimizer(self.policy, self.cfg.optim,
-                                                                self.total_steps * self.updates_per_step)
-        self.teachers = {name: self._load_teacher(name, spec) for name, spec in self.opd.teachers.items()}
-        self.prompts = PromptStream(self.fitting_prompts(load_prompts(rl.prompts), "rl.prompts"), seed)
-        self.domain_prompts = None
-        if self.camopd:
-            key = "rl.opd.camopd.domain_prompts"
-            self.domain_prompts = PromptStream(self.fitting_prompts(load_prompts(self.camopd.domain_prompts, key=key),
-                                                                    key), seed + 1)
-        self.eval_items = (self.fitting_prompts(load_prompts(rl.eval_prompts, key="rl.eval_prompts"), "rl.eval_prompts")
-                           if rl.eval_prompts else [])
-
-    def _load_teacher(self, name: str, spec: str) -> torch.nn.Module:
-        model, tokenizer = load_policy(spec, self.device)
-        if tokenizer.hf.get_vocab() != self.tokenizer.hf.get_vocab():
-            raise ConfigError(f"rl.opd.teachers.{name}: {spec} has another tokenizer than rl.policy; "
-                              "teachers must score the student's tokens")
-        return model.eval().requires_grad_(False)
-
-    def _teacher_of(self, sources: list[str], branch: str) -> list[str]:
-        default = self.opd.default_teacher
-        if self.camopd:  # an unrouted prompt goes to its branch's teacher
-            default = self.camopd.domain_teacher if branch == "domain" else self.camopd.general_teacher
-        elif default is None and len(self.teachers) == 1:
-            default = next(iter(self.teachers))
-        return route_teachers(sources, self.opd.routes, default)
-
-    def _sample(self, items, branch: str, seed: int):
-        """(DistillBatch on the device, the engine's logprobs [B, L], rollouts)."""
-        s = self.rl.sampling
-        prompt_ids = [self.encode_prompt(it.prompt) for it in items]
-        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                stop_ids=self.stop_ids, n=self.rl.group_size, seed=seed)
-        rollouts = self.engine.generate(prompt_ids, params)
-        teachers = self._teacher_of([items[r.prompt_index].source for r in rollouts], branch)
-        batch = pack_rollouts([prompt_ids[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts],
-                              teachers, self.tokenizer.pad_id)
-        engine_logps = torch.zeros(batch.input_ids.shape)
-        engine_logps[batch.response_mask] = torch.tensor([lp for r in rollouts for lp in r.logprobs])
-        batch.input_ids, batch.response_mask = batch.input_ids.to(self.device), batch.response_mask.to(self.device)
-        return batch, engine_logps.to(self.device), rollouts
-
-    def train_step(self) -> dict:
-        rl = self.rl
-        branch = self.schedule.branch(self.step) if self.schedule else "general"
-        stream = self.domain_prompts if branch == "domain" else self.prompts
-        t0 = time.perf_counter()
-        batch, engine_logps, rollouts = self._sample(stream.take(rl.prompts_per_step), branch,
-                                                     (self.cfg.train.seed * 1_000_003 + self.step) * 97)
-        rollout_s = time.perf_counter() - t0
-        with torch.no_grad(), self.autocast():  # teachers score in the precision the student trains in
-            teacher_logps, _ = teacher_scores(self.teachers, batch, micro_batch=rl.micro_batch)
-        keep = self.camopd.keep_fraction if self.camopd else 1.0
-        if rl.sampling.temperature == 1.0:  # the engine's log-probs are the student's own
-            student_logps = engine_logps
-        else:
-            with torch.no_grad():
-                student_logps = student_scores(self.policy, batch, rl.micro_batch)
-        mask = batch.response_mask.float()
-        scores = gap_scores(student_logps, teacher_logps, mask)
-        kept = select_by_gap(scores.cpu(), keep).tolist()
-        kept_batch, kept_teacher = batch.rows(kept), teacher_logps[torch.tensor(kept, device=self.device)]
-        total_tokens = max(int(kept_batch.response_mask.sum()), 1)
-        self.policy.train()
-        loss_total, sums = 0.0, {}
-        for start in range(0, len(kept), rl.micro_batch):
-            part = range(start, min(start + rl.micro_batch, len(kept)))
-            with self.autocast():
-                loss_sum, part_sums = distill_loss_sum(self.policy, self.teachers, kept_batch.rows(part),
-                                                       self.opd.signal, kept_teacher[torch.tensor(list(part))])
-            (loss_sum / total_tokens).backward()
-            loss_total += loss_sum.item() / total_tokens
-            for key, value in part_sums.items():
-                sums[key] = sums.get(key, 0) + value
-        gap = (student_logps - teacher_logps) * mask
-        row = {"loss": loss_total, "domain_step": float(branch == "domain"),
-               "reverse_kl_sampled": (gap.sum() / mask.sum().clamp(min=1)).item(),
-               "gap_mean": scores.mean().item(), "gap_kept": scores[kept].mean().item(),
-               "kept_fraction": len(kept) / len(scores), "trained_tokens": total_tokens,
-               "response_len_mean": mask.sum().item() / len(rollouts),
-               "rollout_tokens_per_s": mask.sum().item() / max(rollout_s, 1e-9)}
-        if "reverse_kl_full" in sums:
-            row["reverse_kl_full_kept"] = sums["reverse_kl_full"] / total_tokens
-        for name in sorted(set(batch.teachers)):
-            rows = torch.tensor([t == name for t in batch.teachers], device=self.device)[:, None] * mask
-            row[f"reverse_kl_sampled/{name}"] = ((gap * rows).sum() / rows.sum().clamp(min=1)).item()
-        row.update(self.optimizer_step())
-        row["sync_s"] = self.sync_weights()
-        return row
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Reverse KL to the routed teachers on the held-out prompts' student samples (a fixed seed,
-        so evaluations are comparable): exact over the vocabulary at each sampled prefix, and the
-        sampled-token estimate."""
-        if not self.eval_items:
-            return {}
-        self.policy.eval()
-        batch, _, _ = self._sample(self.eval_items, "general", seed=self.cfg.train.seed + 12345)
-        student, student_full = response_logprobs(self.policy, batch.input_ids, batch.response_mask, True)
-        teacher, teacher_full = teacher_scores(self.teachers, batch, True)
-        tokens = batch.response_mask.sum().clamp(min=1)
-        return {"eval_reverse_kl": (full_vocab_kl(student_full, teacher_full).sum() / tokens).item(),
-                "eval_reverse_kl_sampled": ((student - teacher)[batch.response_mask].sum() / tokens).item()}
-
-    def sync_weights(self) -> float:
-        t0 = time.perf_counter()
-        named = merged_state_dict(self.policy).items() if has_lora(self.policy) else \
-            ((n, p.detach()) for n, p in self.policy.named_parameters())
-        self.engine.update_weights(named, self.step)
-        return time.perf_counter() - t0
-
-    def after_resume(self) -> None:
-        self.sync_weights()
-
-    def state_dict(self) -> dict:
-        state = {"prompts": self.prompts.state_dict()}
-        if self.domain_prompts is not None:
-            state["domain_prompts"] = self.domain_prompts.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.prompts.load_state_dict(state["prompts"])
-            if self.domain_prompts is not None:
-                self.domain_prompts.load_state_dict(state["domain_prompts"])

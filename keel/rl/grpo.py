@@ -31,6 +31,7 @@ from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import logprobs_of, packed_logprobs_of
 from keel.rl.sharding import whole_parameters
 
+EVAL_STREAM = 1  # RLRun.prompt_seed: the held-out prompts draw apart from the training stream
 ENCODED_PROMPTS_KEPT = 4096  # token ids of the most recently used prompts, for their n samples and evals
 
 
@@ -140,26 +141,10 @@ class GRPOTrainer(RLRun):
             rewards.append(float(get_reward(item.reward)(self.tokenizer.decode(tokens), item)))
         return rewards
 
-    def prompt_seed(self, position: int) -> int:
-        """The seed of the samples of the prompt at `position` in the stream (eval: its index there)."""
-        return (self.cfg.train.seed * 1_000_003 + position) * 97 + 13
-
-    def rollouts_of(self, items: list, prompt_ids: list, params: SamplingParams, first_position: int):
-        """(rollouts, rewards, the slowest rank's generation seconds) of every item, on every rank: each rank
-        generates and scores its share (keel/rl/sharding.py), then the shares are gathered."""
-        share = self.ranks.share(len(items))
-        params.prompt_seeds = tuple(self.prompt_seed(first_position + i) for i in share)
-        mine, seconds = [], 0.0
-        if len(share):
-            t0 = time.perf_counter()
-            mine = self.engine.generate([prompt_ids[i] for i in share], params)
-            seconds = time.perf_counter() - t0
-        mine_items = [items[i] for i in share]
-        rewards = self._score(mine_items, mine)
-        for ro in mine:
-            ro.prompt_index += share.start
-        gathered = self.ranks.gather(list(zip(mine, rewards)))
-        return [g[0] for g in gathered], [g[1] for g in gathered], self.ranks.all_max([seconds])[0]
+    def rollouts_of(self, items: list, prompt_ids: list, params: SamplingParams, first_position: int, stream: int = 0):
+        """(rollouts, rewards, the slowest rank's generation seconds) of every item, on every rank."""
+        return self.generate_shares(prompt_ids, params, first_position, stream,
+                                    score=lambda rollouts: self._score(items, rollouts))
 
     def collect(self) -> tuple[list, dict]:
         """Groups (item, prompt ids, rollouts, rewards) to train on, and rollout metrics."""
@@ -356,7 +341,7 @@ class GRPOTrainer(RLRun):
         params = SamplingParams(max_tokens=rl.eval_max_tokens or rl.sampling.max_tokens,
                                 temperature=rl.eval_temperature, top_p=rl.eval_top_p, stop_ids=self.stop_ids, n=1)
         prompt_ids = [self.encode_prompt(it.prompt) for it in self.eval_items]
-        rollouts, rewards, _ = self.rollouts_of(self.eval_items, prompt_ids, params, 0)
+        rollouts, rewards, _ = self.rollouts_of(self.eval_items, prompt_ids, params, 0, stream=EVAL_STREAM)
         out = {"eval_accuracy": sum(rewards) / len(rewards),
                "eval_response_len": sum(len(r.tokens) for r in rollouts) / len(rollouts)}
         by_task = defaultdict(list)

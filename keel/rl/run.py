@@ -203,6 +203,29 @@ class RLRun:
         """Called once the policy holds its resumed weights (e.g. sync them to a rollout engine)."""
 
     # ---------------------------------------------------------------- shared pieces
+    def prompt_seed(self, position: int, stream: int = 0) -> int:
+        """The seed of the samples of the prompt at `position` of prompt stream `stream` (a trainer's
+        training streams, its held-out set): a function of train.seed and the prompt alone."""
+        return ((self.cfg.train.seed * 1_000_003 + position) * 97 + 13) * 31 + stream
+
+    def generate_shares(self, prompt_ids: list, params, first_position: int, stream: int = 0, score=None):
+        """(rollouts, scores, the slowest rank's generation seconds) of every prompt, on every rank:
+        each rank generates its share, each prompt seeded by its position (keel/rl/sharding.py);
+        `score(rollouts)` (prompt_index global) runs on the rank that generated them; then the shares
+        are gathered in prompt order."""
+        share = self.ranks.share(len(prompt_ids))
+        params.prompt_seeds = tuple(self.prompt_seed(first_position + i, stream) for i in share)
+        mine, seconds = [], 0.0
+        if len(share):
+            t0 = time.perf_counter()
+            mine = self.engine.generate([prompt_ids[i] for i in share], params)
+            seconds = time.perf_counter() - t0
+        for ro in mine:
+            ro.prompt_index += share.start
+        scores = score(mine) if score is not None else [None] * len(mine)
+        gathered = self.ranks.gather(list(zip(mine, scores)))
+        return [g[0] for g in gathered], [g[1] for g in gathered], self.ranks.all_max([seconds])[0]
+
     def load_model(self, spec: str, trainable: bool = True):
         """(model, tokenizer) of a policy-like spec: whole on one process, FSDP-sharded over ranks."""
         if self.ranks.sharded:
