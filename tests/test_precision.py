@@ -109,3 +109,28 @@ def test_te_fp8_tracks_bf16_on_hopper(tmp_path):
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "te", **{
         "precision.dtype": "bf16", "precision.fp8": "te"})])
     assert losses(tmp_path / "te") == pytest.approx(losses(tmp_path / "bf16"), rel=0.01)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about():
+    """The warning appears exactly where torch's oneDNN takes no bf16 matmul (this machine's CPU
+    decides which way), names the key, and never concerns a GPU."""
+    import time
+
+    from keel.train.precision import slow_bf16_warning
+
+    warning = slow_bf16_warning("precision.dtype", torch.device("cpu"))
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert (warning is None) == native
+    assert slow_bf16_warning("precision.dtype", torch.device("cuda")) is None
+    if warning is not None:
+        assert warning.startswith("keel: warning: precision.dtype asks for bf16")
+        a, b = torch.randn(256, 512), torch.randn(512, 1024)
+        timed = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(2):
+                x @ y
+            timed[dtype] = time.perf_counter() - t0
+        assert timed[torch.bfloat16] > 3 * timed[torch.float32]  # what the warning says, measured here

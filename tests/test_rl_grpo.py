@@ -143,7 +143,7 @@ def test_grpo_raises_heldout_arithmetic_accuracy(tmp_path):
     trajectory is the machine's: +0.28 was measured on an Intel AMX machine, 0.109 -> 0.227 (+0.12)
     on an AMD EPYC (avx512_bf16, no AMX) with the same code. The bar is 2.5x the noise."""
     _train([f"run.out_dir={tmp_path}", "logging.wandb=disabled", "logging.progress=false", "rl.steps=6",
-            "rl.eval_every=0"])
+            "rl.eval_every=0", "precision.dtype=fp32", "rl.engine_dtype=float32"])
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     before, after = rows[0]["eval_accuracy"], rows[-1]["eval_accuracy"]

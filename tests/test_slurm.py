@@ -41,9 +41,10 @@ def _free_port_block(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
-    """Environment (SLURM_CONF, ...) of a 2-node local cluster, started here and stopped after."""
+    """Environment (SLURM_CONF, ...) of a 2-node local cluster, started here and stopped after this
+    file's tests (module scope: its daemons must not run on beside the tests that follow)."""
     if not all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")):
         install = subprocess.run(["bash", str(CLUSTER_SCRIPT), "install"], capture_output=True, text=True)
         if install.returncode != 0:

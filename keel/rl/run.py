@@ -20,6 +20,7 @@ The run directory is a normal keel run: `keel.load(run_dir)` gives the trained p
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,7 @@ from keel.rl.sharding import RLRanks, build_sharded_policy
 from keel.train import faults
 from keel.train.metrics import MetricsLogger, ProgressLine
 from keel.train.optim import build_optimizer, clip_grad_norm
+from keel.train.precision import slow_bf16_warning
 
 # ------------------------------------------------------------------ policy
 
@@ -143,6 +145,10 @@ class RLRun:
             raise ConfigError(f"rl.trainer: {self.rl.trainer} runs on one process only for now (grpo runs on "
                               f"many); start it without torchrun")
         self.dist, self.device = self.ranks.dist, self.ranks.dist.device
+        for key, value in (("precision.dtype", cfg.precision.dtype), ("rl.engine_dtype", self.rl.engine_dtype)):
+            warning = value in ("bf16", "bfloat16") and slow_bf16_warning(key, self.device)
+            if warning and self.ranks.is_main:
+                print(warning, file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed)
         self.run_dir = Path(cfg.run.out_dir)
         self.policy, self.tokenizer = self.load_model(self.rl.policy)

@@ -125,3 +125,13 @@ def forward_context(cfg, device: torch.device, autocast_bf16: bool):
         recipe = DelayedScaling() if fp8_recipe(cfg) == "delayed" else Float8CurrentScaling()
         stack.enter_context(te.fp8_autocast(enabled=True, fp8_recipe=recipe))
     return stack
+
+
+def slow_bf16_warning(key: str, device: torch.device) -> str | None:
+    """A one-line warning when bf16 is asked for on a CPU without native bf16 matmuls (no AVX512-BF16
+    or AMX: oneDNN does not take bf16 there and torch falls back to a plain loop). Measured on an
+    AVX2 AMD EPYC: a [512x576] x [576x1536] matmul takes 35 ms in fp32 and 990 ms in bf16."""
+    if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (f"keel: warning: {key} asks for bf16, but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+            f"native bf16 matmul: bf16 runs ~30x slower than fp32 here; fp32 is the faster choice on it")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class Trainer:
         if self.dist.device.type == "cuda":  # fp32 matmuls (fp32 recipes, the loss head) on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        warning = cfg.precision.dtype == "bf16" and precision.slow_bf16_warning("precision.dtype", self.dist.device)
+        if warning and self.dist.is_main:
+            print(warning, file=sys.stderr, flush=True)
         self.dims = parallel.resolve_parallel_dims(cfg.parallel, self.dist.world_size)
         self.mesh = parallel.build_mesh(self.dims, self.dist.device.type)
         self.dp_rank, self.dp_size = parallel.dp_rank_and_size(self.mesh, self.dims)
