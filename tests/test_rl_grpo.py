@@ -135,6 +135,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_policy):
 
 # ------------------------------------------------------------------ real learning (SmolLM2-135M)
 
+@pytest.mark.skipif(os.environ.get("KEEL_REAL_RL") != "1", reason=(
+    "not a reliable check yet (set KEEL_REAL_RL=1 to run it): 6 GRPO steps in fp32 gave +0.23 held-out accuracy "
+    "with one stream of sampling draws and -0.02 with another (same code, same prompts), and the untrained "
+    "policy scores what the trained one does on the same prompts and seeds; to be redesigned (more steps, "
+    "several seeds)"))
 def test_grpo_raises_heldout_arithmetic_accuracy(tmp_path):
     """Real GRPO on reasoning-gym basic_arithmetic with the real SmolLM2-135M-Instruct, as the recipe
     sets it up (8 prompts x 8 rollouts, 10 tokens, lr 1e-5): after 6 steps, greedy accuracy on 64
