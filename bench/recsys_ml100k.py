@@ -146,7 +146,11 @@ def main() -> None:
                   f"{flops / 1e6:.2f} MFLOPs/sample", flush=True)
         results[name] = summarise(rows)
     shape = compare_architectures("1B", context_len=512)
-    (out / "results.json").write_text(json.dumps({"models": results, "flops_1b_ctx512": shape}, indent=1))
+    # Models not benched in this invocation keep their earlier results (a bench of a few models at a
+    # time must not erase the others').
+    path = out / "results.json"
+    earlier = json.loads(path.read_text())["models"] if path.is_file() else {}
+    path.write_text(json.dumps({"models": {**earlier, **results}, "flops_1b_ctx512": shape}, indent=1))
     print_tables(results, shape, args)
 
 
