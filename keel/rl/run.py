@@ -28,14 +28,14 @@ from typing import Optional
 import torch
 
 from keel.checkpoint.dcp import Checkpointer
-from keel.checkpoint.files import COMPLETE, resolve_checkpoint, tokenizer_dir_of
+from keel.checkpoint.files import resolve_checkpoint, tokenizer_dir_of
 from keel.checkpoint.hf import load_hf, locate
 from keel.checkpoint.model_io import load_model
 from keel.config import Config, save_resolved
 from keel.data.tokenizer import Tokenizer
 from keel.errors import ConfigError
 from keel.model.registry import build_model
-from keel.rl.sharding import RLRanks, build_sharded_policy
+from keel.rl.sharding import RLRanks, build_sharded_policy, is_keel_checkpoint
 from keel.train import faults
 from keel.train.metrics import MetricsLogger, ProgressLine
 from keel.train.optim import build_optimizer, clip_grad_norm
@@ -43,14 +43,10 @@ from keel.train.precision import slow_bf16_warning
 
 # ------------------------------------------------------------------ policy
 
-def _is_keel_checkpoint(path: Path) -> bool:
-    return (path / COMPLETE).is_file() or (path / "checkpoints").is_dir()
-
-
 def load_policy(spec: str, device: torch.device | str = "cpu"):
     """(model in fp32 on `device`, keel Tokenizer) from `smollm2`, an HF folder/.gguf, or a keel run."""
     path = Path(spec).expanduser()
-    if spec != "smollm2" and path.exists() and _is_keel_checkpoint(path):
+    if spec != "smollm2" and path.exists() and is_keel_checkpoint(path):
         ckpt = resolve_checkpoint(path)
         folder = tokenizer_dir_of(ckpt)
         if folder is None:

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from keel.checkpoint.dcp import load_model_weights
-from keel.checkpoint.files import resolve_checkpoint, tokenizer_dir_of
+from keel.checkpoint.files import COMPLETE, resolve_checkpoint, tokenizer_dir_of
 from keel.checkpoint.hf import import_adapter, is_hf_folder, load_hf_weights_sharded, locate
 from keel.checkpoint.model_io import checkpoint_model_config
 from keel.data.tokenizer import Tokenizer
@@ -135,11 +135,16 @@ class RLRanks:
 
 # ------------------------------------------------------------------ the sharded policy
 
+def is_keel_checkpoint(path: Path) -> bool:
+    """A keel run directory or committed checkpoint (as opposed to an HF folder or a .gguf)."""
+    return (path / COMPLETE).is_file() or (path / "checkpoints").is_dir()
+
+
 def policy_source(spec: str):
     """(model config, weights path, keel Tokenizer) of an `rl.policy` for a sharded load: an HF folder
     (or `smollm2`) read slice by slice, or a keel run/checkpoint read by DCP."""
     path = Path(spec).expanduser()
-    if spec != "smollm2" and path.exists() and not is_hf_folder(path) and path.suffix != ".gguf":
+    if spec != "smollm2" and path.exists() and is_keel_checkpoint(path):
         ckpt = resolve_checkpoint(path, "rl.policy")
         folder = tokenizer_dir_of(ckpt)
         if folder is None:
