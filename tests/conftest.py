@@ -52,6 +52,29 @@ def tiny_recipe() -> Path:
     return TINY_RECIPE
 
 
+# OneRec-V2 on the real MovieLens-100K: one SID table and one trained tiny model, shared by the
+# training tests (tests/test_recsys_train.py) and the recommender RL tests (tests/test_rec_rl.py).
+ONEREC = str(REPO / "recipes/recsys/onerec-tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def sid_table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sid") / "ml-100k.sid.npz"
+    out = run_keel(["sid", "build", ONEREC, f"recsys.sid_table={path}"]).stdout
+    assert "utilisation per level: 1.000, 1.000, 1.000" in out and str(path) in out
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, sid_table):
+    """A bounded run of the shipped tiny recipe: 900 steps, about 2 minutes on 2 cores."""
+    out = tmp_path_factory.mktemp("trained")
+    run_keel(["train", ONEREC, f"recsys.sid_table={sid_table}", f"run.out_dir={out}", "train.steps=900",
+              "train.eval_every=0", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false"],
+             timeout=1200)
+    return out
+
+
 # Layout comparisons (tests/test_parallel.py, tests/test_deepspeed.py). fp32 on CPU: only the order
 # of floating-point sums differs between layouts. Adam divides by sqrt(v): on embedding rows that
 # see only ~1e-9 gradients, fp32 rounding moves the update by up to ~2e-5 after 5 steps at lr 2e-3

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import keel
-from conftest import LOSS_RTOL, REPO, WEIGHT_ATOL, read_metrics, run_keel
+from conftest import LOSS_RTOL, ONEREC, REPO, WEIGHT_ATOL, read_metrics, run_keel
 from keel.checkpoint.fp8 import load_fp8
 from keel.data.recsys import load_split
 from keel.checkpoint.fp8_serving import FP8Linear
@@ -18,7 +18,6 @@ from keel.model.rec_eval import evaluate_scorer
 from keel.model.registry import get_model_spec
 from test_faults import assert_same_weights, steps_losses, torchrun_keel
 
-ONEREC = str(REPO / "recipes/recsys/onerec-tiny.yaml")
 SASREC = str(REPO / "recipes/recsys/sasrec-tiny.yaml")
 
 
@@ -31,14 +30,6 @@ def small(out_dir: Path, sid_table: Path, **extra) -> list[str]:
                 "logging.progress": False, "recsys.eval_beam": 32}
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
-
-
-@pytest.fixture(scope="module")
-def sid_table(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sid") / "ml-100k.sid.npz"
-    out = run_keel(["sid", "build", ONEREC, f"recsys.sid_table={path}"]).stdout
-    assert "utilisation per level: 1.000, 1.000, 1.000" in out and str(path) in out
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +108,6 @@ def keel_home_inter() -> Path:
     cfg = keel.load_recipe(ONEREC)
     log, _ = load_split(cfg.recsys)
     return Path(f"{log.source}.inter")  # the log's own file, read again here without keel
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, sid_table):
-    """A bounded run of the shipped tiny recipe: 900 steps, about 2 minutes on 2 cores."""
-    out = tmp_path_factory.mktemp("trained")
-    run_keel(["train", ONEREC, f"recsys.sid_table={sid_table}", f"run.out_dir={out}", "train.steps=900",
-              "train.eval_every=0", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false"],
-             timeout=1200)
-    return out
 
 
 def validation(run: Path, model=None) -> tuple:

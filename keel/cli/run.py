@@ -76,7 +76,8 @@ def cmd_rl(args) -> None:
 
     from keel.train.faults import preempted_exit_code
 
-    summary = get_rl_trainer(cfg.rl.trainer)(cfg).train()
+    trainer = get_rl_trainer(cfg.rl.trainer)(cfg)
+    summary = trainer.train()
     shutdown_distributed()
     if summary.get("preempted"):  # checkpoint committed: exit so that the job can be requeued
         sys.exit(preempted_exit_code())
@@ -87,7 +88,7 @@ def cmd_rl(args) -> None:
     print("final: " + " | ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     print(f"run directory:   {run_dir}  (metrics.jsonl, config.yaml, checkpoints/)")
     print(f"  checkpoint:    {os.path.abspath(summary['checkpoint'])}")
-    print(f"next: keel generate {run_dir} --prompt \"...\"   |   keel export hf {run_dir} OUT_DIR")
+    print(f"next: {trainer.next_steps(run_dir)}")
 
 
 def cmd_init(args) -> None:

@@ -292,6 +292,17 @@ class OneRec(MoEHooks, nn.Module):
     def level_logprobs(self, h: torch.Tensor, level: int) -> torch.Tensor:
         return F.log_softmax(self.heads[level](self.head_norms[level](h)).float(), -1)
 
+    def code_logprobs(self, batch, codes: torch.Tensor) -> torch.Tensor:
+        """log p(s^t | BOS, s^{<t}, context) [B, K, L] of K code paths [B, K, L] per context row,
+        teacher-forced in one decoder pass (training targets, or an RL trainer's rollouts)."""
+        n_rows, n_paths, n_levels = codes.shape
+        flat = codes.flatten(0, 1)
+        owner = torch.arange(n_rows, device=flat.device).repeat_interleave(n_paths)
+        h = self.decode(batch, owner, self.decoder_inputs(flat[:, :-1]), per_owner=n_paths)
+        logp = torch.stack([self.level_logprobs(h[:, t], t).gather(-1, flat[:, t:t + 1])[:, 0]
+                            for t in range(n_levels)], 1)
+        return logp.view(n_rows, n_paths, n_levels)
+
     # ------------------------------------------------------------ forward
     def forward(self, batch, owner=None, prefix=None):
         """model(batch) -> loss summed over valid targets; model(batch, owner=, prefix=) -> log-probs
@@ -299,13 +310,7 @@ class OneRec(MoEHooks, nn.Module):
         if prefix is not None:
             h = self.decode(batch, owner, self.decoder_inputs(prefix))
             return self.level_logprobs(h[:, -1], prefix.shape[1])
-        target_sids = batch["target_sids"]  # [B, K, L]
-        n_rows, n_targets, n_levels = target_sids.shape
-        codes = target_sids.flatten(0, 1)
-        owner = torch.arange(n_rows, device=codes.device).repeat_interleave(n_targets)
-        h = self.decode(batch, owner, self.decoder_inputs(codes[:, :-1]), per_owner=n_targets)
-        nll = torch.stack([-self.level_logprobs(h[:, t], t).gather(-1, codes[:, t:t + 1])[:, 0]
-                           for t in range(n_levels)], 1)
+        nll = -self.code_logprobs(batch, batch["target_sids"]).flatten(0, 1)  # [B*K, L]
         valid = batch["targets"].flatten() != 0
         loss = (nll.mean(1) * valid).sum()  # each target: mean NTP over its L codes (§3.3 L_Gen)
         aux = self.take_moe_aux_loss()

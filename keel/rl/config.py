@@ -43,7 +43,7 @@ class VLLMConfig:
 
 @dataclass
 class RLConfig:
-    trainer: str = "grpo"  # a registered RL trainer: grpo | dpo | opd (RL_TRAINERS)
+    trainer: str = "grpo"  # a registered RL trainer: grpo | dpo | opd | rec (RL_TRAINERS)
     # The policy's starting weights: `smollm2`, an HF model folder or .gguf, or a keel run/checkpoint.
     policy: str = "smollm2"
     chat_template: bool = True  # wrap each prompt as a user turn with the tokenizer's chat template

@@ -111,17 +111,20 @@ def duration_quantile_rewards(hist_indptr: torch.Tensor, hist_duration: torch.Te
     return torch.where(negative.bool(), torch.full_like(q, -1.0), q).float()
 
 
-@register_estimator("duration_aware", quantile=0.75)
-def duration_aware(rewards, group, tasks, state, *, quantile):
+@register_estimator("duration_aware", quantile=0.75, strict=True)
+def duration_aware(rewards, group, tasks, state, *, quantile, strict):
     """A = +1 where q is above the batch's `quantile` cut (top quartile by default) and the sample has
     no negative feedback, -1 for explicit negatives (reward -1 from duration_quantile_rewards), 0
-    otherwise (filtered out). No further normalisation (OneRec-V2 §3.3)."""
+    otherwise (filtered out). No further normalisation (OneRec-V2 §3.3). `strict: false` counts q equal
+    to the cut as above it: with coarse engagement (5 rating levels) many q tie at 1, the cut is often
+    1 itself, and the paper's strict q > cut would reward nothing."""
     if not 0 < quantile < 1:
         raise ConfigError(f"rl.advantage.quantile: expected a value in (0, 1), got {quantile}")
     negative = rewards < 0
     scored = rewards[~negative]
     threshold = torch.quantile(scored.float(), quantile) if scored.numel() else torch.tensor(math.inf)
-    adv = torch.where(rewards > threshold, torch.ones_like(rewards), torch.zeros_like(rewards))
+    above = rewards > threshold if strict else rewards >= threshold
+    adv = torch.where(above & ~negative, torch.ones_like(rewards), torch.zeros_like(rewards))
     adv = torch.where(negative, -torch.ones_like(rewards), adv)
     state.setdefault("metrics", {}).update({"advantage/threshold": float(threshold),
                                             "advantage/positive_fraction": float((adv > 0).float().mean()),

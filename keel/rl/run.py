@@ -156,7 +156,8 @@ class RLRun:
         if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir / "config.yaml")
-            self.tokenizer.save(self.run_dir / "tokenizer")
+            if self.tokenizer is not None:  # a recommender policy has item ids, not text
+                self.tokenizer.save(self.run_dir / "tokenizer")
         self.ranks.barrier()
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim,
                                                          self.total_steps * self.updates_per_step)
@@ -200,6 +201,10 @@ class RLRun:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def next_steps(self, run_dir: str) -> str:
+        """What a user runs next on the finished run (printed by `keel rl`)."""
+        return f'keel generate {run_dir} --prompt "..."   |   keel export hf {run_dir} OUT_DIR'
 
     def after_resume(self) -> None:
         """Called once the policy holds its resumed weights (e.g. sync them to a rollout engine)."""

@@ -1,0 +1,274 @@
+"""Recommender RL on a generative recommender (OneRec-V2): `rl.trainer: rec`.
+
+Each step, for rl.prompts_per_step training samples (a user's context before one of their
+impressions, in a seeded resumable order):
+  rollouts  G = rl.group_size items per user from the current policy: constrained beam search over
+            the catalogue's semantic IDs (`rl.rec.rollout: beam`, OneRec's choice: the beam is the
+            group), or unconstrained ancestral sampling of the SID codes (`sample`, which can emit
+            a code path that is no item: what the format reward is for)
+  rewards   the weighted rewards of rl.rec.rewards (keel/rl/rec_rewards.py: logged user feedback with
+            duration-aware shaping, format legality); NaN = nothing known about that item
+  advantage rl.advantage over the items with a reward (`duration_aware`: +1 / -1 / 0 as OneRec-V2;
+            `grpo`: group-normalised per user); items without one get 0
+  loss      rl.loss (`gbpo` or `ecpo`, keel/rl/rec_objectives.py) on the items' code log-probs,
+            plus rl.rec.sft_weight x RSFT: the next-item loss on the same samples' logged targets,
+            the bottom rl.rec.rsft_drop share of the batch by engagement left out (OneRec's joint
+            RSFT + RL; the engagement is the play time, or the rating where the log has none)
+  eval      HR@K / NDCG@K on the validation split, the same ranking keel train reports
+
+The policy is a keel run of a generative recommender; the rollout model is the policy itself (on
+policy, one optimizer update per step), so pi_old is the policy's own probability at rollout time.
+One process: under torchrun the trainer refuses to start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+
+from keel.checkpoint.files import resolve_checkpoint
+from keel.checkpoint.model_io import load_model
+from keel.config import build_dataclass
+from keel.data.loader import collate
+from keel.data.rec_config import RecsysConfig
+from keel.data.recsys import eval_samples, train_samples
+from keel.errors import ConfigError
+from keel.model.registry import get_model_spec
+from keel.model.sid_beam import beam_search
+from keel.rl import losses
+from keel.rl.advantages import compute_advantages
+from keel.rl.config import check_registries, loss_options, register_rl_trainer
+from keel.rl.rec_rewards import UserView, combined_rewards, engagement_of, rec_reward_options
+from keel.rl.run import PromptStream, RLRun
+
+
+@dataclass
+class RecRLConfig:
+    """rl.trainer rec: rollouts, rewards and the RSFT term."""
+    rollout: Literal["beam", "sample"] = "beam"  # constrained beam search (the group = the beam) or free sampling
+    temperature: float = 1.0  # rollout sample: softmax temperature of each code
+    rewards: dict = field(default_factory=lambda: {"feedback": 1.0})  # reward name -> weight
+    reward_cfg: dict = field(default_factory=dict)  # reward name -> its options (keel/rl/rec_rewards.py)
+    sft_weight: float = 1.0  # weight of the RSFT next-item loss beside the RL loss (0: RL alone)
+    rl_weight: float = 1.0  # weight of the RL loss (0: RSFT alone, the control RL is measured against)
+    rsft_drop: float = 0.5  # RSFT: share of the batch's targets with the lowest engagement left out
+    eval_users: int = 0  # validation users scored at eval (0: all)
+    # Training samples (a fixed seeded set) whose rollouts' rewards are measured at eval: the mean
+    # reward per recommended item, unknown counting 0 (eval_reward), and the share with a known one
+    reward_eval_samples: int = 256
+
+
+def build_rec_rl_config(raw) -> RecRLConfig:
+    cfg = raw if isinstance(raw, RecRLConfig) else build_dataclass(RecRLConfig, raw or {}, "rl.rec")
+    if not cfg.rewards:
+        raise ConfigError("rl.rec.rewards: name at least one reward, e.g. {feedback: 1.0}")
+    for name in cfg.reward_cfg:
+        if name not in cfg.rewards:
+            raise ConfigError(f"rl.rec.reward_cfg.{name}: options for a reward rl.rec.rewards does not use")
+    for name in cfg.rewards:
+        rec_reward_options(name, cfg.reward_cfg.get(name))
+    if cfg.temperature <= 0:
+        raise ConfigError(f"rl.rec.temperature: must be > 0, got {cfg.temperature}")
+    if not 0.0 <= cfg.rsft_drop < 1.0:
+        raise ConfigError(f"rl.rec.rsft_drop: must be in [0, 1), got {cfg.rsft_drop}")
+    for key in ("sft_weight", "rl_weight", "eval_users", "reward_eval_samples"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"rl.rec.{key}: must be >= 0, got {getattr(cfg, key)}")
+    if cfg.sft_weight == 0 and cfg.rl_weight == 0:
+        raise ConfigError("rl.rec.sft_weight and rl.rec.rl_weight: both 0 leaves nothing to train")
+    return cfg
+
+
+def policy_recsys_section(policy: str) -> dict:
+    """The recsys: section the policy was trained with (its data and semantic-ID table)."""
+    path = resolve_checkpoint(Path(policy).expanduser())
+    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if not isinstance(raw.get("recsys"), dict):
+        raise ConfigError(f"rl.policy: {policy} was not trained on a recsys: log (no recsys section in its config)")
+    return raw["recsys"]
+
+
+@register_rl_trainer("rec", subsection=RecRLConfig)
+class RecRLTrainer(RLRun):
+    @classmethod
+    def validate_config(cls, rl) -> None:
+        build_rec_rl_config(rl.rec)
+        check_registries(rl)
+        if rl.mini_batches != 1:
+            raise ConfigError(f"rl.mini_batches: the rec trainer makes one update per step (pi_old = the rollout "
+                              f"policy), got {rl.mini_batches}")
+
+    def __init__(self, cfg):
+        if cfg.rl is not None:  # the data and SID table are the policy's own, whatever the recipe says
+            trained = build_dataclass(RecsysConfig, policy_recsys_section(cfg.rl.policy), "recsys")
+            if cfg.recsys is not None and (cfg.recsys.dataset, cfg.recsys.sid) != (trained.dataset, trained.sid):
+                raise ConfigError(f"recsys: the recipe's dataset/sid differ from those rl.policy {cfg.rl.policy} "
+                                  f"was trained on; drop the recipe's recsys section")
+            cfg.recsys = trained if cfg.recsys is None else cfg.recsys
+        super().__init__(cfg)
+
+    def load_model(self, spec: str, trainable: bool = True):
+        model = load_model(spec, str(self.device))
+        if not hasattr(model, "code_logprobs"):
+            raise ConfigError(f"rl.policy: {spec} is a {model.config.name!r} model; the rec trainer needs a "
+                              f"generative recommender (onerec)")
+        return model.train().requires_grad_(trainable), None
+
+    def setup(self) -> None:
+        self.rec = build_rec_rl_config(self.rl.rec)
+        self.reward_options = {name: rec_reward_options(name, self.rec.reward_cfg.get(name)) for name in self.rec.rewards}
+        self.task = get_model_spec(self.cfg.model.name).task(self.cfg)
+        self.task.prepare()
+        if self.rl.group_size > self.task.log.n_items:
+            raise ConfigError(f"rl.group_size: {self.rl.group_size} items per user, but the catalogue has "
+                              f"{self.task.log.n_items}")
+        self.samples = train_samples(self.task.split, self.task.rec)
+        self.stream = PromptStream(list(range(len(self.samples))), self.cfg.train.seed)
+
+    def next_steps(self, run_dir: str) -> str:
+        return self.task.next_steps(run_dir)
+
+    def state_dict(self) -> dict:
+        return {"samples": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "samples" in state:
+            self.stream.load_state_dict(state["samples"])
+
+    # ------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def rollouts(self, batch: dict, generator: torch.Generator):
+        """(items [B, G], codes [B, G, L]); item 0 where a sampled code path is no catalogue item."""
+        model, g = self.policy, self.rl.group_size
+        model.eval()
+        rows = batch["targets"].shape[0]
+
+        def step(owner, prefix):
+            with self.autocast():
+                return model(batch, owner=owner.to(self.device), prefix=prefix.to(self.device)).float()
+        try:
+            if self.rec.rollout == "beam":
+                items, _ = beam_search(step, self.task.trie, rows, g, g)
+                return items.cpu(), self.task.sids[items.to(self.task.sids.device)].cpu()
+            owner = torch.arange(rows).repeat_interleave(g)
+            codes = torch.zeros(rows * g, 0, dtype=torch.long)
+            for _ in self.task.sid_levels:
+                probs = torch.softmax(step(owner, codes).cpu() / self.rec.temperature, -1)
+                codes = torch.cat([codes, torch.multinomial(probs, 1, generator=generator)], 1)
+            items = self.task.trie.item_of(codes).view(rows, g)
+            return items, codes.view(rows, g, -1)
+        finally:
+            model.train()
+
+    # ------------------------------------------------------------ one step
+    def _batch(self, indices: list[int]) -> dict:
+        rows = [self.samples[i] for i in indices]
+        return {k: v.to(self.device) for k, v in self.task.with_inputs(collate(rows)).items()}
+
+    def _rsft_targets(self, batch: dict, positions: np.ndarray) -> tuple[dict, int]:
+        """The batch with its lowest-engagement targets (rl.rec.rsft_drop of them) zeroed out."""
+        targets = batch["targets"].cpu()
+        k = targets.shape[1]
+        pos = positions[:, None] + np.arange(k)[None, :]
+        valid = targets.numpy() != 0
+        engagement = engagement_of(self.task.split)[np.where(valid, pos, 0)]
+        cut = np.quantile(engagement[valid], self.rec.rsft_drop) if self.rec.rsft_drop > 0 else -np.inf
+        keep = valid & (engagement >= cut)
+        kept = torch.where(torch.from_numpy(keep), targets, torch.zeros_like(targets)).to(self.device)
+        return {**batch, "targets": kept}, int(keep.sum())
+
+    def train_step(self) -> dict:
+        first = self.stream.position
+        indices = self.stream.take(self.rl.prompts_per_step)
+        positions = self.samples.positions[indices]
+        users = self.samples.user_of[positions]
+        batch = self._batch(indices)
+        generator = torch.Generator().manual_seed(self.prompt_seed(first))
+        items, codes = self.rollouts(batch, generator)
+        view = UserView(self.task.split, positions, users)
+        rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
+
+        known = ~torch.isnan(rewards)
+        group = torch.arange(items.shape[0])[:, None].expand_as(items)
+        state: dict = {}
+        advantages = torch.zeros(items.shape)
+        if known.any():
+            tasks = ["rec"] * int(known.sum())
+            advantages[known] = compute_advantages(self.rl.advantage, rewards[known], group[known], tasks,
+                                                   self.rl.advantage_cfg, state)
+        self.policy.take_moe_aux_loss()  # the rollouts' forwards leave nothing to train on
+        with self.autocast():
+            logp = self.policy.code_logprobs(batch, codes.to(self.device)).float()  # [B, G, L]
+        aux = self.policy.take_moe_aux_loss()  # per token of the rollouts' forward
+        mask = (items != 0)[..., None].expand_as(logp).to(self.device)
+        flat = lambda t: t.flatten(0, 1)  # noqa: E731  [B*G, L]
+        rl_loss, loss_metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(logp.detach()),
+                                                   advantages.flatten().to(self.device), flat(mask),
+                                                   loss_options(self.rl), agg=self.rl.loss_agg)
+        loss, sft_metrics = self.rec.rl_weight * rl_loss + aux, {}
+        if self.rec.sft_weight > 0:
+            sft_batch, kept = self._rsft_targets(batch, positions)
+            with self.autocast():
+                sft = self.policy(sft_batch).float() / max(kept, 1)
+            loss = loss + self.rec.sft_weight * sft
+            sft_metrics = {"loss/sft": float(sft.detach()), "rsft/kept_targets": kept}
+        loss.backward()
+        row = self.optimizer_step()
+        row.update(loss_metrics)
+        row.update(sft_metrics)
+        row.update(state.get("metrics", {}))
+        n = items.numel()
+        row.update({"loss": float(loss.detach()), "loss/rl": float(rl_loss.detach()),
+                    "reward/mean": float(rewards[known].mean()) if known.any() else float("nan"),
+                    "reward/known_fraction": float(known.float().mean()),
+                    "rollout/legal_fraction": float((items != 0).float().mean()),
+                    "rollout/unique_items": float(sum(len(set(r.tolist())) for r in items) / n),
+                    "rollout/target_hit_rate": float((items == batch["targets"][:, :1].cpu()).any(1).float().mean())})
+        return row
+
+    # ------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.policy.eval()
+        try:
+            sums: dict = {}
+            for batch in self._eval_batches(self.rec.eval_users or None):
+                with self.autocast():
+                    for key, value in self.task.eval_sums(model, batch).items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+            return {**self.task.eval_metrics(sums), **self._reward_eval()}
+        finally:
+            model.train()
+
+    def _reward_eval(self) -> dict:
+        """The rewards of the current policy's rollouts for a fixed set of training samples (the same
+        samples, seeds and rewards at every eval, so the numbers compare across steps)."""
+        n = min(self.rec.reward_eval_samples, len(self.samples))
+        if n == 0:
+            return {}
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.cfg.train.seed + 1))
+        chosen = order[:n].tolist()
+        total, known, count = 0.0, 0, 0
+        for lo in range(0, n, self.rl.prompts_per_step):
+            indices = chosen[lo:lo + self.rl.prompts_per_step]
+            positions = self.samples.positions[indices]
+            generator = torch.Generator().manual_seed(self.prompt_seed(lo, stream=1))
+            items, codes = self.rollouts(self._batch(indices), generator)
+            view = UserView(self.task.split, positions, self.samples.user_of[positions])
+            rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
+            seen = ~torch.isnan(rewards)
+            total += float(rewards[seen].sum())
+            known += int(seen.sum())
+            count += rewards.numel()
+        return {"eval_reward": total / count, "eval_reward_known_fraction": known / count}
+
+    def _eval_batches(self, limit):
+        dataset = eval_samples(self.task.split, "valid", self.task.rec)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        size = self.rl.micro_batch
+        return [{k: v.to(self.device) for k, v in collate([dataset[i] for i in range(lo, min(count, lo + size))]).items()}
+                for lo in range(0, count, size)]

@@ -1,0 +1,115 @@
+"""Recommender RL (`rl.trainer: rec`) on the real MovieLens-100K, from the tiny OneRec-V2 the
+training tests train: the feedback and format rewards against a recount from the raw log, exact
+resume, a bounded RL run, and bad inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import keel
+from conftest import REPO, read_metrics, run_keel
+from keel.data.recsys import load_split, train_samples
+from keel.rl.rec_rewards import UserView, combined_rewards, rec_reward_options
+
+RECIPE = str(REPO / "recipes/recsys/onerec-v2-rl-tiny.yaml")
+
+
+def small(policy, out_dir, **extra) -> list[str]:
+    settings = {"rl.policy": str(policy), "run.out_dir": str(out_dir), "rl.steps": 4, "rl.prompts_per_step": 16,
+                "rl.group_size": 8, "rl.eval_every": 0, "rl.rec.eval_users": 64, "rl.rec.reward_eval_samples": 32,
+                "logging.wandb": "disabled", "logging.progress": False}
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_split(keel.load_recipe(RECIPE.replace("onerec-v2-rl-tiny", "onerec-tiny")).recsys)[1]
+
+
+def recount_feedback(split, position: int, item: int, dislike: int = 2) -> float:
+    """The feedback reward by its definition, read off the sorted log one interaction at a time."""
+    user = int(np.searchsorted(split.ptr, position, side="right") - 1)
+    later = [q for q in range(position, int(split.train_end[user])) if split.items[q] == item]
+    if not later:
+        return math.nan
+    rating = split.ratings[later[0]]
+    if rating <= dislike:
+        return -1.0
+    earlier = [split.ratings[q] for q in range(int(split.ptr[user]), position)]
+    return sum(r <= rating for r in earlier) / len(earlier) if earlier else 0.0
+
+
+def test_feedback_reward_recounts_the_log(split):
+    cfg = keel.load_recipe(RECIPE.replace("onerec-v2-rl-tiny", "onerec-tiny")).recsys
+    samples = train_samples(split, cfg)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(samples), 12, replace=False)
+    positions = samples.positions[rows]
+    users = samples.user_of[positions]
+    items = torch.from_numpy(rng.integers(1, split.log.n_items + 1, (12, 6)))
+    for b, (p, u) in enumerate(zip(positions, users)):  # half of each row: items the user rates later
+        future = split.items[p:split.train_end[u]]
+        items[b, :3] = torch.from_numpy(rng.choice(future, 3))
+    got = combined_rewards({"feedback": 1.0}, {"feedback": rec_reward_options("feedback", None)},
+                           UserView(split, positions, users), items, None, None)
+    want = torch.tensor([[recount_feedback(split, int(p), int(i)) for i in row] for p, row in zip(positions, items)],
+                        dtype=torch.float32)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got.nan_to_num(9.0), want.nan_to_num(9.0), rtol=0, atol=1e-6)
+    assert (want == -1).any() and ((want > 0) & (want < 1)).any()  # every kind of value was checked
+
+
+def test_format_reward_checks_k_random_items(split):
+    items = torch.tensor([[1, 0, 5, 0, 7, 9], [0, 0, 0, 0, 0, 3]])
+    got = combined_rewards({"format": 1.0}, {"format": {"k": 4}}, UserView(split, np.zeros(2), np.zeros(2)),
+                           items, None, torch.Generator().manual_seed(0))
+    checked = ~torch.isnan(got)
+    assert checked.sum(1).tolist() == [4, 4]
+    assert torch.equal(got[checked], (items[checked] != 0).float())
+
+
+def test_rec_rl_resumes_exactly(trained, tmp_path):
+    """2 steps, a stop, 2 more from the checkpoint: the same losses and weights as 4 straight."""
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "straight")])
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "split", **{"rl.steps": 2, "checkpoint.every": 2})])
+    out = run_keel(["rl", RECIPE, *small(trained, tmp_path / "split")]).stdout
+    assert "resumed from" in out
+    straight = {r["step"]: r for r in read_metrics(tmp_path / "straight") if "loss" in r}
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "split") if "loss" in r}
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
+    for step, row in straight.items():
+        assert resumed[step]["loss"] == row["loss"] and resumed[step]["reward/mean"] == row["reward/mean"]
+    a, b = keel.load(tmp_path / "straight").state_dict(), keel.load(tmp_path / "split").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(not torch.equal(a[name], w) for name, w in keel.load(trained).state_dict().items())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.rec.rewards={clicks: 1.0}", "rl.rec.rewards: unknown reward 'clicks'"),
+    ("rl.group_size=5000", "rl.group_size: 5000 items per user, but the catalogue has 1682"),
+    ("rl.rec.reward_cfg={feedback: {gamma: 1}}", "rl.rec.reward_cfg.feedback.gamma: not an option"),
+    ("rl.loss=gpbo", "rl.loss"),
+])
+def test_bad_inputs_are_one_line(trained, tmp_path, override, message):
+    proc = run_keel(["rl", RECIPE, *small(trained, tmp_path), override], check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_rl_with_rsft_raises_the_feedback_reward_and_holds_hr(trained, tmp_path):
+    """10 steps of the recipe (GBPO + RSFT) from the tiny model the training tests train: the reward of
+    the policy's own beams on a fixed set of training samples rises, and validation HR@10 (943 users)
+    falls by no more than its 95% interval. Measured from a 900-step policy: reward 0.1341 -> 0.1443,
+    HR@10 0.1909 -> 0.1750 (interval +-0.025); RL alone took HR@10 to 0.1198 in the same 10 steps."""
+    run_keel(["rl", RECIPE, *small(trained, tmp_path, **{"rl.steps": 10, "rl.prompts_per_step": 64,
+                                                          "rl.group_size": 32, "rl.rec.eval_users": 0,
+                                                          "rl.rec.reward_eval_samples": 256})], timeout=1200)
+    evals = [r for r in read_metrics(tmp_path) if "eval_reward" in r]
+    start, end = evals[0], evals[-1]
+    assert (start["step"], end["step"]) == (0, 10)
+    assert end["eval_reward"] > start["eval_reward"] + 0.004
+    p = start["eval_hr@10"]
+    assert end["eval_hr@10"] >= p - 1.96 * math.sqrt(p * (1 - p) / 943)
