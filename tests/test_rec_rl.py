@@ -92,6 +92,7 @@ def test_rec_rl_resumes_exactly(trained, tmp_path):
     ("rl.group_size=5000", "rl.group_size: 5000 items per user, but the catalogue has 1682"),
     ("rl.rec.reward_cfg={feedback: {gamma: 1}}", "rl.rec.reward_cfg.feedback.gamma: not an option"),
     ("rl.loss=gpbo", "rl.loss"),
+    ("rl.policy=/nonexistent/run", "rl.policy: /nonexistent/run: no such checkpoint or run directory"),
 ])
 def test_bad_inputs_are_one_line(trained, tmp_path, override, message):
     proc = run_keel(["rl", RECIPE, *small(trained, tmp_path), override], check=False)
@@ -113,3 +114,28 @@ def test_rl_with_rsft_raises_the_feedback_reward_and_holds_hr(trained, tmp_path)
     assert end["eval_reward"] > start["eval_reward"] + 0.004
     p = start["eval_hr@10"]
     assert end["eval_hr@10"] >= p - 1.96 * math.sqrt(p * (1 - p) / 943)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_rollouts_follow_the_policy(trained, tmp_path, temperature):
+    """`rl.rec.rollout: sample` draws each code from softmax(log p / T) of the policy: 4,000 draws for one
+    user, first-code frequencies within 5 standard errors of the model's probabilities; every item
+    returned is the catalogue item of its code path (0 where the path is none)."""
+    from keel.rl.rec_rl import RecRLTrainer
+
+    g = 4000
+    cfg = keel.load_recipe(RECIPE, small(trained, tmp_path, **{"rl.rec.rollout": "sample", "rl.group_size": g,
+                                                              "rl.rec.temperature": temperature}))
+    trainer = RecRLTrainer(cfg)
+    batch = trainer._batch([0])
+    items, codes = trainer.rollouts(batch, torch.Generator().manual_seed(0))
+    assert items.shape == (1, g) and codes.shape == (1, g, len(trainer.task.sid_levels))
+    assert torch.equal(items[0], trainer.task.trie.item_of(codes[0]))
+    with torch.no_grad():
+        logp = trainer.policy.eval()(batch, owner=torch.zeros(1, dtype=torch.long),
+                                     prefix=torch.zeros(1, 0, dtype=torch.long))[0]
+    p = torch.softmax(logp.double() / temperature, -1)
+    freq = torch.bincount(codes[0, :, 0], minlength=p.numel()).double() / g
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / g).sqrt() + 1e-3).all()
+    other = torch.softmax(logp.double() / (temperature * 2), -1)  # the test would see a wrong temperature
+    assert ((freq - other).abs() > 5 * (other * (1 - other) / g).sqrt() + 1e-3).any()

@@ -36,7 +36,7 @@ from keel.config import build_dataclass
 from keel.data.loader import collate
 from keel.data.rec_config import RecsysConfig
 from keel.data.recsys import eval_samples, train_samples
-from keel.errors import ConfigError
+from keel.errors import CheckpointError, ConfigError
 from keel.model.registry import get_model_spec
 from keel.model.sid_beam import beam_search
 from keel.rl import losses
@@ -66,11 +66,11 @@ def build_rec_rl_config(raw) -> RecRLConfig:
     cfg = raw if isinstance(raw, RecRLConfig) else build_dataclass(RecRLConfig, raw or {}, "rl.rec")
     if not cfg.rewards:
         raise ConfigError("rl.rec.rewards: name at least one reward, e.g. {feedback: 1.0}")
+    for name in cfg.rewards:
+        rec_reward_options(name, cfg.reward_cfg.get(name))
     for name in cfg.reward_cfg:
         if name not in cfg.rewards:
             raise ConfigError(f"rl.rec.reward_cfg.{name}: options for a reward rl.rec.rewards does not use")
-    for name in cfg.rewards:
-        rec_reward_options(name, cfg.reward_cfg.get(name))
     if cfg.temperature <= 0:
         raise ConfigError(f"rl.rec.temperature: must be > 0, got {cfg.temperature}")
     if not 0.0 <= cfg.rsft_drop < 1.0:
@@ -85,7 +85,11 @@ def build_rec_rl_config(raw) -> RecRLConfig:
 
 def policy_recsys_section(policy: str) -> dict:
     """The recsys: section the policy was trained with (its data and semantic-ID table)."""
-    path = resolve_checkpoint(Path(policy).expanduser())
+    try:
+        path = resolve_checkpoint(Path(policy).expanduser())
+    except CheckpointError as e:
+        raise ConfigError(f"rl.policy: {e} (train a recommender first, e.g. keel train "
+                          f"recipes/recsys/onerec-tiny.yaml, and pass its run directory)") from None
     raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if not isinstance(raw.get("recsys"), dict):
         raise ConfigError(f"rl.policy: {policy} was not trained on a recsys: log (no recsys section in its config)")
@@ -123,7 +127,7 @@ class RecRLTrainer(RLRun):
         self.reward_options = {name: rec_reward_options(name, self.rec.reward_cfg.get(name)) for name in self.rec.rewards}
         self.task = get_model_spec(self.cfg.model.name).task(self.cfg)
         self.task.prepare()
-        if self.rl.group_size > self.task.log.n_items:
+        if self.rec.rollout == "beam" and self.rl.group_size > self.task.log.n_items:  # a beam holds distinct items
             raise ConfigError(f"rl.group_size: {self.rl.group_size} items per user, but the catalogue has "
                               f"{self.task.log.n_items}")
         self.samples = train_samples(self.task.split, self.task.rec)
