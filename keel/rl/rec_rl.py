@@ -174,7 +174,8 @@ class RecRLTrainer(RLRun):
         return {k: v.to(self.device) for k, v in self.task.with_inputs(collate(rows)).items()}
 
     def _rsft_targets(self, batch: dict, positions: np.ndarray) -> tuple[dict, int]:
-        """The batch with its lowest-engagement targets (rl.rec.rsft_drop of them) zeroed out."""
+        """The batch with its lowest-engagement targets zeroed out: those below the batch's rl.rec.rsft_drop
+        quantile of engagement (targets tied with the cut are kept, so with ratings a little more stays)."""
         targets = batch["targets"].cpu()
         k = targets.shape[1]
         pos = positions[:, None] + np.arange(k)[None, :]
