@@ -84,9 +84,14 @@ def write_sharded_model_checkpoint(out_dir, model_cfg, model, trainer_state: dic
     return out_dir
 
 
+def checkpoint_recipe(path: Path) -> dict:
+    """The resolved recipe (raw YAML mapping) saved with a committed checkpoint folder."""
+    return yaml.safe_load((path / "config.yaml").read_text()) or {}
+
+
 def checkpoint_model_config(path: Path):
     """The model config stored in a committed checkpoint folder."""
-    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    raw = checkpoint_recipe(path)
     model_raw = raw.get("model")
     if not isinstance(model_raw, dict) or "name" not in model_raw:
         raise CheckpointError(f"{path / 'config.yaml'}: has no model section")

@@ -89,12 +89,12 @@ def feedback(view: UserView, items: torch.Tensor, codes, generator, *, beta, dis
         first_seen = {}
         for q in future[::-1]:  # the first interaction after p wins
             first_seen[int(s.items[q])] = int(q)
+        history = np.arange(s.ptr[u], p)  # what the user's engagement is ranked against
         for g, item in enumerate(item_rows[b].tolist()):
             q = first_seen.get(item) if item else None
             if q is None:
                 continue
             rows.append(b), cols.append(g), seen_pos.append(q)
-            history = np.arange(s.ptr[u], p)
             hist_lengths.append(len(history)), hist_pos.append(history)
     out = torch.full(items.shape, float("nan"))
     if not rows:

@@ -28,10 +28,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 
 from keel.checkpoint.files import resolve_checkpoint
-from keel.checkpoint.model_io import load_model
+from keel.checkpoint.model_io import checkpoint_recipe, load_model
 from keel.config import build_dataclass
 from keel.data.loader import collate
 from keel.data.rec_config import RecsysConfig
@@ -90,7 +89,7 @@ def policy_recsys_section(policy: str) -> dict:
     except CheckpointError as e:
         raise ConfigError(f"rl.policy: {e} (train a recommender first, e.g. keel train "
                           f"recipes/recsys/onerec-tiny.yaml, and pass its run directory)") from None
-    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    raw = checkpoint_recipe(path)
     if not isinstance(raw.get("recsys"), dict):
         raise ConfigError(f"rl.policy: {policy} was not trained on a recsys: log (no recsys section in its config)")
     return raw["recsys"]
