@@ -4,7 +4,7 @@ import pytest
 
 import keel
 from keel.errors import ConfigError
-from conftest import TINY_RECIPE, run_keel, small_run_overrides
+from conftest import TINY_RECIPE, keel_refusal, run_keel, small_run_overrides
 
 
 def test_tiny_recipe_extends_base_and_overrides_apply():
@@ -70,21 +70,19 @@ def _assert_one_line_error(proc, *fragments):
 def test_cli_bad_recipe_and_override_exit_2_with_one_line(tmp_path):
     _assert_one_line_error(run_keel(["train", str(tmp_path / "nope.yaml")], check=False), "nope.yaml",
                            "recipe file not found")
-    _assert_one_line_error(run_keel(["train", str(TINY_RECIPE), "train.stepz=3"], check=False),
-                           "train.stepz: unknown key", "did you mean 'train.steps'")
+    error = keel_refusal(["train", TINY_RECIPE, "train.stepz=3"])
+    assert "train.stepz: unknown key" in error and "did you mean 'train.steps'" in error
     _assert_one_line_error(run_keel(["train"], check=False), "recipe")  # argparse, same shape
 
 
 def test_cli_bad_data_files_name_the_file(tmp_path):
     missing = tmp_path / "missing_corpus"
-    proc = run_keel(["train", str(TINY_RECIPE), f"data.sources=[{{path: {missing}}}]",
-                     *small_run_overrides(tmp_path / "run")], check=False)
-    _assert_one_line_error(proc, str(missing))
+    assert str(missing) in keel_refusal(["train", TINY_RECIPE, f"data.sources=[{{path: {missing}}}]",
+                                         *small_run_overrides(tmp_path / "run")])
     orphan = tmp_path / "orphan"
     (tmp_path / "orphan.bin").write_bytes(b"\0" * 64)
-    proc = run_keel(["train", str(TINY_RECIPE), f"data.sources=[{{path: {orphan}}}]",
-                     *small_run_overrides(tmp_path / "run")], check=False)
-    _assert_one_line_error(proc, "orphan")
+    assert "orphan" in keel_refusal(["train", TINY_RECIPE, f"data.sources=[{{path: {orphan}}}]",
+                                     *small_run_overrides(tmp_path / "run")])
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": oops\n')
     proc = run_keel(["data", "preprocess", str(broken), "--out", str(tmp_path / "b")], check=False)
@@ -92,9 +90,8 @@ def test_cli_bad_data_files_name_the_file(tmp_path):
 
 
 def test_world_size_that_does_not_fit_the_layout_is_refused(tmp_path):
-    proc = run_keel(["train", str(TINY_RECIPE), "parallel.dp_replicate=3", *small_run_overrides(tmp_path)],
-                    check=False)
-    _assert_one_line_error(proc, "parallel:", "world size 1")
+    error = keel_refusal(["train", TINY_RECIPE, "parallel.dp_replicate=3", *small_run_overrides(tmp_path)])
+    assert "parallel:" in error and "world size 1" in error
 
 
 def test_yaml_off_reads_as_the_word_where_a_choice_expects_it():

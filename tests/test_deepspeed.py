@@ -40,9 +40,9 @@ STDOUT = {}  # layout name -> what its training run printed
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(module_tmp):
     """Trains a layout once per module (5 steps, checkpoints at steps 3 and 5); returns its run dir."""
-    root, done = tmp_path_factory.mktemp("deepspeed"), {}
+    root, done = module_tmp, {}
 
     def get(name):
         if name not in done:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import keel
-from conftest import REPO, TINY_RECIPE, read_metrics, run_keel, small_run_overrides
+from conftest import REPO, TINY_RECIPE, keel_refusal, read_metrics, run_keel, small_run_overrides
 from keel.train import launch
 from keel.train.faults import PREEMPTED_EXIT_CODE, REQUEUE_MARKER
 
@@ -75,9 +75,9 @@ def test_torchrun_restart_after_one_rank_is_killed_resumes_exactly(tmp_path):
 # ---------------------------------------------------------------- NaN / Inf policies
 
 @pytest.fixture(scope="module")
-def single_reference(tmp_path_factory):
+def single_reference(module_tmp):
     """An uninterrupted single-process run, 12 steps, checkpoints every 4."""
-    out = tmp_path_factory.mktemp("faults") / "reference"
+    out = module_tmp / "reference"
     run_keel(train_args(out, **REF))
     return out
 
@@ -131,9 +131,8 @@ def test_rollback_without_a_checkpoint_says_so(tmp_path):
 
 
 def test_bad_nonfinite_value_is_a_config_error(tmp_path):
-    run = run_keel(train_args(tmp_path, **{"train.nonfinite": "ignore"}), check=False)
-    assert run.returncode == 2
-    assert run.stderr.strip().startswith("keel: error: train.nonfinite: expected one of 'skip' | 'rollback' | 'stop'")
+    error = keel_refusal(train_args(tmp_path, **{"train.nonfinite": "ignore"}))
+    assert error.startswith("keel: error: train.nonfinite: expected one of 'skip' | 'rollback' | 'stop'")
 
 
 # ---------------------------------------------------------------- preemption on one process

@@ -54,9 +54,9 @@ def test_production_shapes_and_stage_chain():
 
 
 @pytest.fixture(scope="module")
-def smollm2_checkpoint(tmp_path_factory):
+def smollm2_checkpoint(module_tmp):
     from keel.checkpoint.hf import import_hf
-    return import_hf("smollm2", tmp_path_factory.mktemp("smollm2") / "ckpt")
+    return import_hf("smollm2", module_tmp / "ckpt")
 
 
 @torch.no_grad()

@@ -52,9 +52,9 @@ def max_diff(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_tmp):
     """(model, cfg, official folder) of the tiny model, written by `keel export hf --format official`."""
-    tmp = tmp_path_factory.mktemp("official")
+    tmp = module_tmp
     cfg = tiny_cfg()
     model = tiny_model(cfg)
     ckpt = write_model_checkpoint(tmp / "ckpt", cfg, model.state_dict())

@@ -7,33 +7,30 @@ import pytest
 import torch
 
 import keel
-from conftest import TINY_RECIPE, read_metrics, run_keel
+from conftest import TINY_RECIPE, keel_refusal, read_metrics, run_keel
 
-LOSS_DROP_NATS = 3.0  # the first step sits near ln(49152) = 10.8 nats; 40 steps must shed 3 of them
+LOSS_DROP_NATS = 2.5  # the first step sits near ln(49152) = 10.8 nats; 10 steps must shed 2.5 of them (4.1 at 20)
+RUN = ["train.steps=20", "optim.warmup_steps=5", "train.eval_every=10", "checkpoint.every=10", "train.sample_tokens=16"]
 
 
 def test_tiny_recipe_loss_falls_on_real_text_with_wandb_offline(tmp_path):
     run_dir = tmp_path / "tiny"
-    proc = run_keel(["train", str(TINY_RECIPE), f"run.out_dir={run_dir}", "train.steps=40",
-                     "train.eval_every=20", "checkpoint.every=20", "train.sample_tokens=16"],
-                    env={"WANDB_MODE": "offline"})
+    proc = run_keel(["train", str(TINY_RECIPE), f"run.out_dir={run_dir}", *RUN], env={"WANDB_MODE": "offline"})
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 41))
+    assert [r["step"] for r in train] == list(range(1, 21))
     assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in train)
     assert train[0]["loss"] == pytest.approx(math.log(49152), abs=0.5)  # an untrained model
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0] < train[0]["loss"] - LOSS_DROP_NATS
     # The end of a run: a sample, and where everything went.
     assert "sample from" in proc.stdout and "run directory:" in proc.stdout
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_20", "step_40"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_10", "step_20"]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     # The resolved config is a complete recipe: loading it back gives the same config.
     resolved = keel.load_recipe(run_dir / "config.yaml")
-    assert resolved.to_dict() == keel.load_recipe(TINY_RECIPE, [
-        f"run.out_dir={run_dir}", "train.steps=40", "train.eval_every=20", "checkpoint.every=20",
-        "train.sample_tokens=16"]).to_dict()
+    assert resolved.to_dict() == keel.load_recipe(TINY_RECIPE, [f"run.out_dir={run_dir}", *RUN]).to_dict()
 
 
 def test_cli_import_generate_export_round_trip_on_smollm2(tmp_path):
@@ -56,9 +53,6 @@ def test_cli_import_generate_export_round_trip_on_smollm2(tmp_path):
 
 
 def test_bad_checkpoint_paths_give_one_line_errors(tmp_path):
-    proc = run_keel(["generate", str(tmp_path / "nothing"), "--prompt", "x"], check=False)
-    assert proc.returncode == 2 and "nothing: no such checkpoint" in proc.stderr
+    assert "nothing: no such checkpoint" in keel_refusal(["generate", tmp_path / "nothing", "--prompt", "x"])
     (tmp_path / "run" / "checkpoints" / "step_3").mkdir(parents=True)  # never committed
-    proc = run_keel(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")], check=False)
-    assert proc.returncode == 2 and "no committed checkpoint" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "no committed checkpoint" in keel_refusal(["export", "hf", tmp_path / "run", tmp_path / "out"])

@@ -355,8 +355,8 @@ def final_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("muon") / "single"
+def single_run(module_tmp):
+    run_dir = module_tmp / "single"
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(run_dir, **MUON)])
     return run_dir
 

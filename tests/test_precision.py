@@ -3,7 +3,7 @@ Engine refuses clearly where it cannot run, and runs only on a Hopper GPU."""
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, read_metrics, run_keel, small_run_overrides
+from conftest import TINY_RECIPE, keel_refusal, read_metrics, run_keel, small_run_overrides
 
 FP8_LOSS_RTOL = 0.005  # FP8 matmuls in every block's linears move the loss by < 0.5% over 6 steps
 COMPOSED_RTOL = 1e-4  # FP8 under FSDP2/TP vs FP8 on one process: same casts, other sum order
@@ -14,8 +14,8 @@ def losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
+def runs(module_tmp):
+    root = module_tmp
     # The tiny model's linears are below the default size filter: convert them all here.
     tw = {"precision.fp8": "torchao", "precision.fp8_recipe": "tensorwise", "precision.fp8_min_features": 16}
     layouts = {"fp32": (1, {}), "tensorwise": (1, tw),
@@ -86,10 +86,8 @@ def test_te_without_transformer_engine_is_a_clear_error(tmp_path):
         pytest.skip("Transformer Engine is installed here; the GPU test below covers it")
     except ImportError:
         pass
-    proc = run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path, **{"precision.fp8": "te"})],
-                    check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "precision.fp8: te needs Transformer Engine" in proc.stderr and "keel[gpu]" in proc.stderr
+    error = keel_refusal(["train", TINY_RECIPE, *small_run_overrides(tmp_path, **{"precision.fp8": "te"})])
+    assert "precision.fp8: te needs Transformer Engine" in error and "keel[gpu]" in error
 
 
 def test_bad_fp8_recipe_names_the_key():

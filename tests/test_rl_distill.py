@@ -153,9 +153,9 @@ def _tiny_checkpoint(out, seed: int):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(module_tmp):
     """(student init = domain teacher, general teacher): two different small random models."""
-    root = tmp_path_factory.mktemp("tiny")
+    root = module_tmp
     return _tiny_checkpoint(root / "student", 0), _tiny_checkpoint(root / "general", 1)
 
 

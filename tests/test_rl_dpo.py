@@ -75,7 +75,7 @@ def test_pairs_from_real_text():
 
 # ---------------------------------------------------------------- reference modes and resume (small model)
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
+def tiny_policy(module_tmp):
     """A small random Llama with SmolLM2's real tokenizer, as a keel checkpoint."""
     from keel.data.tokenizer import Tokenizer
     from keel.model.backbone import TransformerConfig
@@ -87,7 +87,7 @@ def tiny_policy(tmp_path_factory):
                             max_seq_len=256)
     model = build_model(cfg)
     model.init_weights()
-    out = tmp_path_factory.mktemp("tiny") / "policy"
+    out = module_tmp / "policy"
     return write_model_checkpoint(out, cfg, model.state_dict(), tokenizer=Tokenizer.load("smollm2").hf)
 
 

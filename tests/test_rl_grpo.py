@@ -51,7 +51,7 @@ def test_recipes_validate_and_cli_exits_2():
 # ------------------------------------------------------------------ exact resume (tiny model)
 
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
+def tiny_policy(module_tmp):
     """A small random Llama with SmolLM2's real tokenizer, as a keel checkpoint."""
     from transformers import AutoTokenizer
 
@@ -63,7 +63,7 @@ def tiny_policy(tmp_path_factory):
     cfg = TransformerConfig(name="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
     model = Transformer(cfg)
     model.init_weights()
-    out = tmp_path_factory.mktemp("tiny_policy")
+    out = module_tmp
     tokenizer = AutoTokenizer.from_pretrained(asset_path("smollm2"))
     write_model_checkpoint(out, cfg, model.state_dict(), tokenizer=tokenizer)
     return out

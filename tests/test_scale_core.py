@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import REPO, TINY_RECIPE, assert_same_training, read_metrics, run_keel, small_run_overrides
+from conftest import REPO, TINY_RECIPE, assert_same_training, keel_refusal, read_metrics, run_keel, small_run_overrides
 
 COMMON = {"model.qk_norm": "true", "model.n_layers": 4, "train.steps": 5}
 
@@ -39,8 +39,7 @@ def test_seed_checkpoint_gives_every_layout_the_single_process_start(tmp_path):
 def test_keel_init_refuses_a_used_folder(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    result = run_keel(["init", str(TINY_RECIPE), "--out", str(tmp_path / "taken")], check=False)
-    assert result.returncode == 2 and "already exists" in result.stderr
+    assert "already exists" in keel_refusal(["init", TINY_RECIPE, "--out", tmp_path / "taken"])
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
@@ -113,9 +112,8 @@ def test_profile_steps_write_a_trace(tmp_path):
 
 
 def test_bad_profile_steps_is_one_line(tmp_path):
-    result = run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "r", **{"train.profile_steps": "[0]"})],
-                      check=False)
-    assert result.returncode == 2 and "train.profile_steps" in result.stderr
+    error = keel_refusal(["train", TINY_RECIPE, *small_run_overrides(tmp_path / "r", **{"train.profile_steps": "[0]"})])
+    assert "train.profile_steps" in error
 
 
 @pytest.mark.distributed

@@ -62,9 +62,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def local_two_ranks(tmp_path_factory):
+def local_two_ranks(module_tmp):
     """The reference: the same recipe on 2 local ranks (torchrun --standalone, gloo)."""
-    out = tmp_path_factory.mktemp("slurm_ref") / "local"
+    out = module_tmp / "local"
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(out, **EXTRA)], nproc=2)
     return out
 

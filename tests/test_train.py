@@ -17,9 +17,9 @@ def final_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory):
+def reference_runs(module_tmp):
     """The same 6 steps on 1 process, 2-rank DDP and 2-rank FSDP2 (checkpoint at step 3)."""
-    root = tmp_path_factory.mktemp("layouts")
+    root = module_tmp
     layouts = {"single": (1, {}), "ddp": (2, {"parallel.dp_replicate": 2, "parallel.dp_shard": 1}),
                "fsdp": (2, {"parallel.dp_shard": 2})}
     for name, (nproc, extra) in layouts.items():

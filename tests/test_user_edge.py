@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RECIPE, read_metrics, run_keel, small_run_overrides
+from conftest import REPO, TINY_RECIPE, keel_refusal, read_metrics, run_keel, small_run_overrides
 
 
 def tree_hashes(root: Path) -> dict:
@@ -16,20 +16,18 @@ def tree_hashes(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def one_line_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line]
-    assert len(errors) == 1, proc.stderr
+def one_line_error(args, *fragments):
+    """`keel ARGS` refuses with one line (exit 2) naming every fragment; returns that line."""
+    error = keel_refusal(args)
     for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+        assert fragment in error, error
+    return error
 
 
 @pytest.fixture(scope="module")
-def existing_run(tmp_path_factory):
+def existing_run(module_tmp):
     """A finished 4-step run with checkpoints at steps 2 and 4."""
-    run = tmp_path_factory.mktemp("edge") / "run"
+    run = module_tmp / "run"
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(run, **{"train.steps": 4, "checkpoint.every": 2})])
     return run
 
@@ -42,34 +40,34 @@ def untouched(existing_run):
 
 
 def test_import_into_an_existing_run_is_refused(untouched):
-    one_line_error(run_keel(["import", "hf", "smollm2", str(untouched)], check=False),
+    one_line_error(["import", "hf", "smollm2", str(untouched)],
                    str(untouched), "not an empty folder")
 
 
 def test_export_into_an_existing_run_is_refused(untouched, tmp_path):
-    one_line_error(run_keel(["export", "hf", str(untouched), str(untouched)], check=False), "not an empty folder")
+    one_line_error(["export", "hf", str(untouched), str(untouched)], "not an empty folder")
 
 
 def test_failed_start_leaves_the_run_untouched(untouched, tmp_path):
-    one_line_error(run_keel(["train", str(TINY_RECIPE), *small_run_overrides(untouched, **{
-        "checkpoint.resume": str(tmp_path / "nonexistent"), "train.steps": 8})], check=False),
+    one_line_error(["train", str(TINY_RECIPE), *small_run_overrides(untouched, **{
+        "checkpoint.resume": str(tmp_path / "nonexistent"), "train.steps": 8})],
         "checkpoint.resume:", "nonexistent", "no such checkpoint")
     fresh = tmp_path / "fresh"
-    one_line_error(run_keel(["train", str(TINY_RECIPE), *small_run_overrides(fresh, **{
-        "model.init_from": str(tmp_path / "missing")})], check=False), "model.init_from:", "missing")
+    one_line_error(["train", str(TINY_RECIPE), *small_run_overrides(fresh, **{
+        "model.init_from": str(tmp_path / "missing")})], "model.init_from:", "missing")
     assert not fresh.exists()  # a failed start makes no half-made run folder
 
 
 def test_shape_mismatch_names_the_differing_key(untouched, tmp_path):
-    line = one_line_error(run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "other", **{
-        "model.dim": 32, "model.init_from": str(untouched)})], check=False), "model.init_from:", "model.dim 64")
+    line = one_line_error(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "other", **{
+        "model.dim": 32, "model.init_from": str(untouched)})], "model.init_from:", "model.dim 64")
     assert "32" in line
-    one_line_error(run_keel(["train", str(TINY_RECIPE), *small_run_overrides(untouched, **{
-        "model.ffn_dim": 96, "train.steps": 8})], check=False), "checkpoint.resume:", "model.ffn_dim 128")
+    one_line_error(["train", str(TINY_RECIPE), *small_run_overrides(untouched, **{
+        "model.ffn_dim": 96, "train.steps": 8})], "checkpoint.resume:", "model.ffn_dim 128")
 
 
 def test_rl_recipe_under_keel_train_points_to_keel_rl(tmp_path):
-    one_line_error(run_keel(["train", str(REPO / "recipes" / "rl" / "grpo-tiny.yaml")], check=False),
+    one_line_error(["train", str(REPO / "recipes" / "rl" / "grpo-tiny.yaml")],
                    "is an RL recipe", "keel rl")
 
 
@@ -88,8 +86,8 @@ def test_resume_by_step_number(existing_run, tmp_path):
     ref = {r["step"]: r for r in read_metrics(existing_run) if "loss" in r}
     again = [r for r in read_metrics(run) if "loss" in r][-2:]
     assert [(r["step"], r["loss"]) for r in again] == [(s, ref[s]["loss"]) for s in (3, 4)]
-    one_line_error(run_keel(["train", str(TINY_RECIPE), *small_run_overrides(run, **{
-        "checkpoint.resume": 3, "train.steps": 6})], check=False), "checkpoint.resume:", "no checkpoint at step 3",
+    one_line_error(["train", str(TINY_RECIPE), *small_run_overrides(run, **{
+        "checkpoint.resume": 3, "train.steps": 6})], "checkpoint.resume:", "no checkpoint at step 3",
         "committed: 2, 4")
 
 

@@ -8,7 +8,6 @@ compiled helper; a lookup is then two array reads.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
@@ -18,9 +17,8 @@ from keel.errors import ConfigError
 
 def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset index, running sample count within that dataset) for each of `size` samples."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import helpers_cpp
+    from keel.data.packed import megatron_data_module
+    helpers_cpp = megatron_data_module("helpers_cpp")
     dataset_index = np.zeros(size, dtype=np.int16)
     dataset_sample_index = np.zeros(size, dtype=np.int64)
     helpers_cpp.build_blending_indices(dataset_index, dataset_sample_index,

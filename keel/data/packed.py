@@ -25,13 +25,34 @@ from keel.errors import DataError
 _VOCAB_CHECK_TOKENS = 1 << 20
 
 
-def megatron_indexed():
-    """megatron-core's indexed_dataset module, imported lazily: importing megatron.core costs
-    seconds and prints Apex/Transformer Engine warnings that mean nothing for data loading."""
+def megatron_data_module(name: str):
+    """A module of megatron.core.datasets (`indexed_dataset`, `helpers_cpp`), imported without
+    running megatron/core/__init__.py.
+
+    That __init__ imports megatron-core's whole model stack, whose fused kernels are decorated with
+    torch.compile at import time, which loads TorchInductor: ~4 s of a ~6 s import, paid by every
+    process and rank that only reads tokens. keel uses nothing of megatron-core but its data
+    modules, so when megatron.core is not imported yet it is registered as a bare package (its
+    submodules import normally) and parallel_state goes first, as the full __init__ would have it
+    (megatron.core.utils and parallel_state import each other)."""
+    import importlib
+    import importlib.util
+    import sys
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
+        if "megatron.core" not in sys.modules:
+            spec = importlib.util.find_spec("megatron.core")
+            if spec is None:
+                raise ImportError("megatron-core is not installed (pip install megatron-core)")
+            sys.modules["megatron.core"] = importlib.util.module_from_spec(spec)
+            importlib.import_module("megatron.core.parallel_state")
+        return importlib.import_module(f"megatron.core.datasets.{name}")
+
+
+def megatron_indexed():
+    """megatron-core's indexed_dataset module (see megatron_data_module)."""
+    indexed_dataset = megatron_data_module("indexed_dataset")
     # It logs a dozen INFO lines per dataset opened; keep them out of training logs.
     logging.getLogger(indexed_dataset.__name__).setLevel(logging.WARNING)
     return indexed_dataset

@@ -20,20 +20,23 @@ stay identical and a checkpoint stores one.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage, schedules
 
 from keel.errors import ConfigError
 from keel.model.moe import MoEHooks
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
 
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b",)
 
 
 def _schedule_classes() -> dict:
+    from torch.distributed.pipelining import schedules
 
     return {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
             "interleaved_1f1b": schedules.ScheduleInterleaved1F1B}
@@ -158,12 +161,14 @@ class Pipeline:
         starts = [sum(counts[:i]) for i in range(n_stages + 1)]
         names = list(model.layers)
         tied = model.output is None
+        from torch.distributed import pipelining  # imports TorchDynamo: paid only with parallel.pp > 1
+
         self.parts, stages = [], []
         for stage_id in range(pp_rank, n_stages, dims.pp):
             first, last = stage_id == 0, stage_id == n_stages - 1
             part = parallelize_part(stage_module(model, names[starts[stage_id]:starts[stage_id + 1]], first, last))
             self.parts.append(part)
-            stages.append(PipelineStage(part, stage_id, n_stages, device, group=self.group))
+            stages.append(pipelining.PipelineStage(part, stage_id, n_stages, device, group=self.group))
             _forget_moe_records_of_metadata_inference(stages[-1], part)
         self.has_first = any(s.is_first for s in stages)
         self.has_last = any(s.is_last for s in stages)
