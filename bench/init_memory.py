@@ -25,6 +25,9 @@ SHAPE = ["model.dim=384", "model.n_layers=16", "model.n_heads=6", "model.n_kv_he
 WORKER = """
 import json, os, sys, threading, time
 import keel.cli, keel.train.init, keel.train.trainer
+# Building on the meta device imports TorchDynamo (torch's Python kernel for normal_ on meta tensors
+# is wrapped in a dynamo guard): code, not the model's memory, so it is loaded before the baseline.
+import torch._dynamo
 
 def rss_kib():
     with open("/proc/self/status") as f:

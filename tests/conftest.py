@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,27 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Under pytest-xdist (`-n 2`, the README's command) two workers share the cores: one thread each,
+# so neither's OpenMP threads spin-wait on a core the other holds.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "lm" / "tiny.yaml"
+
+
+# Modules whose tests share session fixtures (one SID table, one trained OneRec-V2) run on one xdist
+# worker; every other module is its own group, so its module-scoped runs are made once.
+SHARED_GROUPS = {"test_recsys_train": "onerec", "test_rec_rl": "onerec", "test_rec_ranker": "onerec"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+    # The longest group first (it trains the shared OneRec-V2), so that the other worker is not left
+    # alone with it at the end.
+    items.sort(key=lambda item: item.module.__name__.rpartition(".")[2] not in SHARED_GROUPS)
 
 
 def small_run_overrides(out_dir: Path, **extra) -> list[str]:
@@ -56,8 +76,13 @@ def keel_refusal(args: list[str]) -> str:
     from keel.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # keel's preemption hooks
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+            main([str(a) for a in args])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         raise AssertionError(f"keel {' '.join(map(str, args))}: refused after joining a process group; test it "

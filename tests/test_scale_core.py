@@ -93,7 +93,7 @@ def test_bf16_fsdp_tracks_bf16_single_process(tmp_path):
     """bf16 under FSDP (bf16 weights in compute, fp32 reduction) stays within 1% of one process's
     bf16 autocast over 3 steps. RoPE's cos/sin stay fp32 in both (FSDP no longer casts them). 3 steps:
     on a CPU without native bf16 matmuls (AVX2 only) each bf16 step takes seconds."""
-    bf16 = {**COMMON, "precision.dtype": "bf16", "train.steps": 3}
+    bf16 = {**COMMON, "precision.dtype": "bf16", "train.steps": 3, "data.seq_len": 32}
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "single", **bf16)])
     run_keel(["train", str(TINY_RECIPE), *small_run_overrides(tmp_path / "fsdp2", **bf16,
              **{"parallel.dp_shard": 2})], nproc=2)

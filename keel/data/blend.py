@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from keel.data.packed import megatron_data_module
 from keel.errors import ConfigError
 
 
 def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset index, running sample count within that dataset) for each of `size` samples."""
-    from keel.data.packed import megatron_data_module
     helpers_cpp = megatron_data_module("helpers_cpp")
     dataset_index = np.zeros(size, dtype=np.int16)
     dataset_sample_index = np.zeros(size, dtype=np.int64)

@@ -11,8 +11,11 @@ Only the slices a sample needs are read, through the memory-mapped .bin: corpora
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,10 +38,6 @@ def megatron_data_module(name: str):
     modules, so when megatron.core is not imported yet it is registered as a bare package (its
     submodules import normally) and parallel_state goes first, as the full __init__ would have it
     (megatron.core.utils and parallel_state import each other)."""
-    import importlib
-    import importlib.util
-    import sys
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if "megatron.core" not in sys.modules:

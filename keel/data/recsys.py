@@ -316,11 +316,14 @@ class RecSamples(torch.utils.data.Dataset):
         hours = np.maximum(s.ts[p] - s.ts[start:p], 0.0) / 3600.0
         ctx_gaps[pad:] = 1 + np.minimum(self.gap_buckets - 2, np.floor(np.log2(1.0 + hours))).astype(np.int64)
         targets = np.zeros(self.k, np.int64)
+        target_ratings = np.zeros(self.k, np.int64)
         n_targets = min(self.k, int(self.limits[i]) - p)
         targets[:n_targets] = s.items[p:p + n_targets]
+        target_ratings[:n_targets] = s.ratings[p:p + n_targets]
         return {"user": torch.tensor(user), "user_feats": torch.from_numpy(self.user_feats[user]),
                 "ctx_items": torch.from_numpy(ctx_items), "ctx_ratings": torch.from_numpy(ctx_ratings),
-                "ctx_gaps": torch.from_numpy(ctx_gaps), "targets": torch.from_numpy(targets)}
+                "ctx_gaps": torch.from_numpy(ctx_gaps), "targets": torch.from_numpy(targets),
+                "target_ratings": torch.from_numpy(target_ratings)}
 
 
 def train_samples(split: LeaveOneOutSplit, cfg: RecsysConfig) -> RecSamples:

@@ -1,8 +1,11 @@
-"""The recommendation families on the backbone: OneRec-V2 (generative, semantic IDs) and SASRec
-(the item-id baseline every number stands beside). Neither has a text decoder or an HF layout;
+"""The recommendation families on the backbone: OneRec-V2 (generative, semantic IDs), SASRec
+(the item-id baseline every number stands beside) and the multi-task ranker (the reward model of
+recommender RL). Neither has a text decoder or an HF layout;
 OneRec-V2's blocks have no Megatron split yet, so both train data-parallel only (DDP/FSDP2/ZeRO)."""
 from keel.model.onerec import build_onerec
 from keel.model.onerec_config import OneRecConfig
+from keel.model.ranker import RankerConfig, build_ranker
+from keel.model.ranker_task import RankerTask
 from keel.model.rec_task import GenerativeRecTask, SASRecTask
 from keel.model.registry import ModelSpec, register_model
 from keel.model.sasrec import SASRecConfig, build_sasrec
@@ -11,3 +14,5 @@ register_model(ModelSpec("onerec", OneRecConfig, build_onerec, GenerativeRecTask
                          description="OneRec-V2: lazy decoder-only generative recommender over semantic IDs"))
 register_model(ModelSpec("sasrec", SASRecConfig, build_sasrec, SASRecTask, model_parallel=(),
                          description="SASRec: causal self-attention over item ids, full-softmax next item"))
+register_model(ModelSpec("ranker", RankerConfig, build_ranker, RankerTask, model_parallel=(),
+                         description="multi-task ranker: P(engage), P(like) of an item for a user (reward model)"))

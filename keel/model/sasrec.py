@@ -111,11 +111,13 @@ class SASRec(nn.Module):
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
 
-    def user_state(self, items: torch.Tensor) -> torch.Tensor:
-        """The newest context position's final state [B, dim] for left-padded items [B, C]."""
+    def user_state(self, items: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The newest context position's final state [B, dim] for left-padded items [B, C]; `extra`
+        [B, C, dim] is added to the input embeddings (a family's own per-item features)."""
         n_rows, n_ctx = items.shape
         slot = (self.config.context_len - n_ctx + torch.arange(n_ctx, device=items.device)).clamp(min=0)
-        h = self.dropout(self.tok_embeddings(items) + self.positions(slot))
+        h = self.tok_embeddings(items) + self.positions(slot)
+        h = self.dropout(h if extra is None else h + extra)
         valid = items != 0
         mask = AttentionMask(causal=True, key_valid=valid)
         mask.prepare(n_ctx, n_ctx, items.device)

@@ -15,6 +15,13 @@ their weights; several are summed (NaN only where all of them are NaN).
   explicit dislike is a rating <= `dislike_rating`.
 - format: OneRec-V1's legality reward for unconstrained rollouts: K of the G items picked at random,
   1 where the generated SID is a catalogue item, 0 where it is not; the others NaN.
+- reward_model: a ranker trained by keel on the same log (`model.name: ranker`, keel/model/ranker.py)
+  scores each item for the row's context: sum over `objectives` of weight x P(objective), e.g.
+  {like: 1.0} = P(the user picks the item and rates it >= 4). Known for every catalogue item, so it
+  also rewards items the log never showed the user; NaN for a code path that is no item.
+
+A reward may register a `check(options, task)` that runs once at setup (before any rollout) and
+refuses bad options with a one-line ConfigError.
 """
 from __future__ import annotations
 
@@ -25,18 +32,30 @@ from typing import Callable
 import numpy as np
 import torch
 
+from keel.checkpoint.files import resolve_checkpoint
+from keel.checkpoint.model_io import checkpoint_model_config, checkpoint_recipe, load_model
 from keel.data.recsys import LeaveOneOutSplit
-from keel.errors import ConfigError
+from keel.errors import ConfigError, KeelError
 from keel.rl.rec_objectives import duration_quantile_rewards
 
 REC_REWARDS: dict[str, tuple[Callable, dict]] = {}
+REC_REWARD_CHECKS: dict[str, Callable] = {}
 
 
-def register_rec_reward(name: str, **options):
+def register_rec_reward(name: str, check: Callable | None = None, **options):
     def decorator(fn):
         REC_REWARDS[name] = (fn, options)
+        if check is not None:
+            REC_REWARD_CHECKS[name] = check
         return fn
     return decorator
+
+
+def check_rec_rewards(options: dict[str, dict], task) -> None:
+    """Each used reward's setup-time check of its options against the task (its log and items)."""
+    for name, given in options.items():
+        if name in REC_REWARD_CHECKS:
+            REC_REWARD_CHECKS[name](given, task)
 
 
 def rec_reward_options(name: str, given: dict | None) -> dict:
@@ -119,6 +138,66 @@ def format_reward(view: UserView, items: torch.Tensor, codes, generator, *, k):
     picked = torch.rand(b, g, generator=generator).argsort(1)[:, :min(k, g)]
     legal = (items.cpu() != 0).float()
     return out.scatter_(1, picked, legal.gather(1, picked))
+
+
+def context_of(split: LeaveOneOutSplit, positions: np.ndarray, users: np.ndarray,
+               context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-padded context items and their ratings [B, context_len] of each sample, as RecSamples
+    cuts them: the user's interactions just before its sorted-log position (for a reward model whose
+    context length differs from the policy's)."""
+    items, ratings = np.zeros((2, len(positions), context_len), np.int64)
+    for row, (p, u) in enumerate(zip(positions.tolist(), users.tolist())):
+        start = max(int(split.ptr[u]), p - context_len)
+        items[row, context_len - (p - start):] = split.items[start:p]
+        ratings[row, context_len - (p - start):] = split.ratings[start:p]
+    return torch.from_numpy(items), torch.from_numpy(ratings)
+
+
+_RANKERS: dict[str, torch.nn.Module] = {}  # checkpoint folder -> loaded ranker (loaded once per process)
+
+
+def _ranker(path) -> torch.nn.Module:
+    ckpt = str(resolve_checkpoint(path))
+    if ckpt not in _RANKERS:
+        _RANKERS[ckpt] = load_model(ckpt, "cpu").requires_grad_(False)
+    return _RANKERS[ckpt]
+
+
+def _check_reward_model(options: dict, task) -> None:
+    key, path = "rl.rec.reward_cfg.reward_model", options["path"]
+    if not path:
+        raise ConfigError(f"{key}.path: required: a `keel train` run of a ranker recipe "
+                          f"(e.g. recipes/recsys/ranker-tiny.yaml) on the policy's data")
+    try:
+        ckpt = resolve_checkpoint(path)
+    except KeelError as e:
+        raise ConfigError(f"{key}.path: {e}") from None
+    model_cfg = checkpoint_model_config(ckpt)
+    if model_cfg.name != "ranker":
+        raise ConfigError(f"{key}.path: {path} holds a {model_cfg.name!r} model; expected a ranker (model.name: ranker)")
+    dataset = (checkpoint_recipe(ckpt).get("recsys") or {}).get("dataset")
+    if dataset != task.rec.dataset or model_cfg.n_items != task.log.n_items:
+        raise ConfigError(f"{key}.path: the ranker was trained on {dataset} ({model_cfg.n_items} items), the policy "
+                          f"on {task.rec.dataset} ({task.log.n_items} items); train a ranker on the policy's data")
+    weights = options["objectives"]
+    if not isinstance(weights, dict) or not weights:
+        raise ConfigError(f"{key}.objectives: expected a mapping objective -> weight, e.g. {{like: 1.0}}")
+    for name, weight in weights.items():
+        if name not in model_cfg.objectives:
+            raise ConfigError(f"{key}.objectives: {name!r} is not a head of this ranker; it has {model_cfg.objectives}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{key}.objectives.{name}: expected a number, got {weight!r}")
+
+
+@register_rec_reward("reward_model", check=_check_reward_model, path=None, objectives={"like": 1.0})
+def reward_model(view: UserView, items: torch.Tensor, codes, generator, *, path, objectives):
+    ranker = _ranker(path)
+    names = ranker.config.objectives
+    context, ratings = context_of(view.split, view.positions, view.users, ranker.config.context_len)
+    with torch.no_grad():
+        probs = torch.sigmoid(ranker.scores(context, ratings, items.cpu().clamp(min=0)))
+    value = sum(float(weight) * probs[..., names.index(name)] for name, weight in objectives.items())
+    return torch.where(items.cpu() != 0, value, torch.full_like(value, float("nan")))
 
 
 def combined_rewards(weights: dict, options: dict, view: UserView, items, codes, generator) -> torch.Tensor:

@@ -41,7 +41,7 @@ from keel.model.sid_beam import beam_search
 from keel.rl import losses
 from keel.rl.advantages import compute_advantages
 from keel.rl.config import check_registries, loss_options, register_rl_trainer
-from keel.rl.rec_rewards import UserView, combined_rewards, engagement_of, rec_reward_options
+from keel.rl.rec_rewards import UserView, check_rec_rewards, combined_rewards, engagement_of, rec_reward_options
 from keel.rl.run import PromptStream, RLRun
 
 
@@ -126,6 +126,7 @@ class RecRLTrainer(RLRun):
         self.reward_options = {name: rec_reward_options(name, self.rec.reward_cfg.get(name)) for name in self.rec.rewards}
         self.task = get_model_spec(self.cfg.model.name).task(self.cfg)
         self.task.prepare()
+        check_rec_rewards(self.reward_options, self.task)
         if self.rec.rollout == "beam" and self.rl.group_size > self.task.log.n_items:  # a beam holds distinct items
             raise ConfigError(f"rl.group_size: {self.rl.group_size} items per user, but the catalogue has "
                               f"{self.task.log.n_items}")

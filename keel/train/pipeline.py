@@ -161,7 +161,7 @@ class Pipeline:
         starts = [sum(counts[:i]) for i in range(n_stages + 1)]
         names = list(model.layers)
         tied = model.output is None
-        from torch.distributed import pipelining  # imports TorchDynamo: paid only with parallel.pp > 1
+        import torch.distributed.pipelining as pipelining  # imports TorchDynamo: paid only with parallel.pp > 1
 
         self.parts, stages = [], []
         for stage_id in range(pp_rank, n_stages, dims.pp):

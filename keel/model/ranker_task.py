@@ -1,0 +1,106 @@
+"""The ranker's training task (keel/model/ranker.py): next-item samples of a `recsys:` log turned into
+labelled candidates, and the metrics a reward model is judged by.
+
+Each sample's logged next item is a positive candidate; model.negatives catalogue items drawn in
+proportion to their training interactions (model.negative_sampling: popularity; or uniformly), never
+the positive itself, are the negatives. The draw is seeded by the batch's content,
+so a resumed run sees the same negatives and evaluation sees the same ones at every step. Only a
+sample's first target is used (recsys.common_context > 1 shares one context over several).
+
+Evaluation, on every validation user (recsys.mask_history applies to the full ranking):
+- eval_hr@K / eval_ndcg@K: the held-out item ranked among all items by model.rank_by;
+- eval_auc_engagement: per user, the share of its sampled negatives scored below its held-out item
+  (ties half), averaged over users;
+- eval_auc_like: over pairs of held-out items in the same eval batch, one rated >= model.like_rating
+  and one not, the share where the like head scores the liked one higher (ties half): the AUC of
+  telling liked from disliked items among those the users picked (0.5 = no better than chance);
+  eval_like_rate is the share of held-out items liked.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from keel.errors import ConfigError
+from keel.model.rec_task import SASRecTask
+
+
+def batch_seed(batch: dict) -> int:
+    digest = hashlib.sha1(batch["ctx_items"].cpu().numpy().tobytes() + batch["targets"].cpu().numpy().tobytes())
+    return int(digest.hexdigest()[:15], 16)
+
+
+class RankerTask(SASRecTask):
+    def prepare(self) -> None:
+        super().prepare()
+        counts = np.bincount(self.split.train_pairs()[1], minlength=self.log.n_items + 1).astype(np.float64)
+        counts[0] = 0.0  # padding is never drawn
+        if self.cfg.model.negative_sampling == "uniform":
+            counts[1:] = 1.0
+        self.negative_weights = torch.from_numpy(counts)
+        if "like" in self.cfg.model.objectives and self.log.rating is None:
+            raise ConfigError(f"model.objectives: `like` needs ratings, and {self.rec.dataset} has no rating "
+                              f"column; drop it from model.objectives")
+
+    def with_inputs(self, batch: dict) -> dict:
+        """The batch with `candidates` [B, 1 + negatives] (the logged item first), their `labels`
+        [B, 1 + negatives, n_objectives] and `candidate_valid` [B, 1] (padding rows count nothing)."""
+        if "candidates" in batch:
+            return batch
+        cfg = self.cfg.model
+        positive = batch["targets"][:, 0]
+        rows, device = positive.shape[0], positive.device
+        generator = torch.Generator().manual_seed(batch_seed(batch))
+        negatives = torch.multinomial(self.negative_weights, rows * cfg.negatives, replacement=True,
+                                      generator=generator).view(rows, cfg.negatives).to(device)
+        # Redrawing a negative that hit the positive would change every later draw: step to the next item.
+        negatives = torch.where(negatives == positive[:, None], negatives % cfg.n_items + 1, negatives)
+        candidates = torch.cat([positive[:, None], negatives], 1)
+        labels = torch.zeros(rows, 1 + cfg.negatives, len(cfg.objectives), device=device)
+        for o, name in enumerate(cfg.objectives):
+            if name == "engagement":
+                labels[:, 0, o] = 1.0
+            else:  # like
+                labels[:, 0, o] = (batch["target_ratings"][:, 0] >= cfg.like_rating).float()
+        return {**batch, "candidates": candidates, "labels": labels,
+                "candidate_valid": (positive != 0).float()[:, None]}
+
+    def units(self, batch: dict) -> torch.Tensor:
+        cfg = self.cfg.model
+        return (batch["targets"][:, 0] != 0).sum() * (1 + cfg.negatives) * len(cfg.objectives)
+
+    def fake_batch(self, rows: int, cp: int = 1) -> dict:
+        batch = super().fake_batch(rows, cp)
+        batch["target_ratings"] = torch.full_like(batch["targets"], self.cfg.model.like_rating)
+        return batch
+
+    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        sums = super().eval_sums(model, batch)
+        cfg, inputs = self.cfg.model, self.with_inputs(batch)
+        real = inputs["candidate_valid"][:, 0]
+        with torch.no_grad():
+            logits = model.scores(inputs["ctx_items"], inputs["ctx_ratings"], inputs["candidates"])
+        for o, name in enumerate(cfg.objectives):
+            own = logits[..., o]
+            if name == "engagement":
+                pos, neg = own[:, :1], own[:, 1:]
+                auc = ((pos > neg).float() + 0.5 * (pos == neg).float()).mean(1)
+                sums["auc_engagement"] = (auc * real).sum().cpu()
+            else:  # like, judged on the logged items only: does it rank the liked above the others?
+                liked = inputs["labels"][:, 0, o].bool() & real.bool()
+                other = ~inputs["labels"][:, 0, o].bool() & real.bool()
+                pos, neg = own[liked, 0][:, None], own[other, 0][None, :]
+                sums["like_pairs_won"] = ((pos > neg).float() + 0.5 * (pos == neg).float()).sum().cpu()
+                sums["like_pairs"] = torch.tensor(float(pos.numel() * neg.numel()))
+                sums["like_rate"] = liked.float().sum().cpu()
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict:
+        out = super().eval_metrics(sums)
+        users = max(sums["users"], 1)
+        out.update({f"eval_{k}": sums[k] / users for k in ("auc_engagement", "like_rate") if k in sums})
+        if sums.get("like_pairs"):
+            out["eval_auc_like"] = sums["like_pairs_won"] / sums["like_pairs"]
+        return out
