@@ -27,7 +27,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "torchao"],
         "rl": ["vllm", "reasoning-gym==0.1.25"],
-        "dev": ["pytest", "pytest-xdist", "import-linter", "accelerate", "deepspeed", "torchao", "triton", "reasoning-gym==0.1.25"],
+        "dev": ["pytest", "pytest-xdist", "filelock", "import-linter", "accelerate", "deepspeed", "torchao", "triton", "reasoning-gym==0.1.25"],
     },
     entry_points={
         "console_scripts": ["keel=keel.cli:main"],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -21,18 +22,17 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "lm" / "tiny.yaml"
 
 
-# Modules whose tests share session fixtures (one SID table, one trained OneRec-V2) run on one xdist
-# worker; every other module is its own group, so its module-scoped runs are made once.
-SHARED_GROUPS = {"test_recsys_train": "onerec", "test_rec_rl": "onerec", "test_rec_ranker": "onerec"}
-
-
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
-    # The longest group first (it trains the shared OneRec-V2), so that the other worker is not left
-    # alone with it at the end.
-    items.sort(key=lambda item: item.module.__name__.rpartition(".")[2] not in SHARED_GROUPS)
+    """Under `-n 2 --dist loadfile` each module runs whole on one worker, in this order. The RL module
+    goes first: it trains the OneRec-V2 that two later modules reuse (conftest's `trained`)."""
+    items.sort(key=lambda item: item.module.__name__.rpartition(".")[2] != "test_rec_rl")
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder of this test run that every xdist worker sees (their common base)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
 
 
 def small_run_overrides(out_dir: Path, **extra) -> list[str]:
@@ -117,19 +117,26 @@ ONEREC = str(REPO / "recipes/recsys/onerec-tiny.yaml")
 
 @pytest.fixture(scope="session")
 def sid_table(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sid") / "ml-100k.sid.npz"
-    out = run_keel(["sid", "build", ONEREC, f"recsys.sid_table={path}"]).stdout
-    assert "utilisation per level: 1.000, 1.000, 1.000" in out and str(path) in out
+    folder = shared_dir(tmp_path_factory, "sid")
+    path = folder / "ml-100k.sid.npz"
+    with FileLock(f"{folder}.lock"):  # built once per test run, whichever worker asks first
+        if not path.exists():
+            out = run_keel(["sid", "build", ONEREC, f"recsys.sid_table={path}"]).stdout
+            assert "utilisation per level: 1.000, 1.000, 1.000" in out and str(path) in out
     return path
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, sid_table):
-    """A bounded run of the shipped tiny recipe: 900 steps, about 2 minutes on 2 cores."""
-    out = tmp_path_factory.mktemp("trained")
-    run_keel(["train", ONEREC, f"recsys.sid_table={sid_table}", f"run.out_dir={out}", "train.steps=900",
-              "train.eval_every=0", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false"],
-             timeout=1200)
+    """A bounded run of the shipped tiny recipe: 900 steps, 2-3 minutes on 2 cores; made once per test
+    run (the other worker waits for it rather than training its own)."""
+    out = shared_dir(tmp_path_factory, "trained")
+    with FileLock(f"{out}.lock"):
+        if not (out / "DONE").exists():
+            run_keel(["train", ONEREC, f"recsys.sid_table={sid_table}", f"run.out_dir={out}", "train.steps=900",
+                      "train.eval_every=0", "checkpoint.every=0", "logging.wandb=disabled",
+                      "logging.progress=false"], timeout=1200)
+            (out / "DONE").touch()
     return out
 
 
