@@ -154,7 +154,8 @@ def test_sigterm_checkpoints_stops_and_the_rerun_resumes_exactly(tmp_path, singl
     sig = signal.SIGTERM
     args = [sys.executable, "-m", "keel", *train_args(tmp_path, **REF)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            # the threads run_keel gives the reference and the rerun: other sum orders
+                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     wait_for_rows(tmp_path, 2, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
