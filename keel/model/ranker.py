@@ -3,8 +3,8 @@
 It answers "how would this user respond to this item?" with one probability per objective, the
 way a P-Score-style ranker does: a user tower (SASRec's causal encoder over the user's recent
 items and the ratings it gave them, keel/model/sasrec.py) and the candidate item's embedding (the
-same table) feed one small
-tower per objective, each ending in a logit (plus a per-item offset) trained with binary cross-entropy.
+same table) feed one small tower per objective, each ending in a logit (plus a per-item offset)
+trained with binary cross-entropy.
 
 Objectives on an interaction log (labels are built by keel/model/ranker_task.py):
 - engagement: 1 for the item the user interacted with next, 0 for items sampled from the catalogue
@@ -14,8 +14,7 @@ Objectives on an interaction log (labels are built by keel/model/ranker_task.py)
 
 Entry points: model(batch) -> BCE summed over candidates and objectives (batch["candidates"] [B, N],
 batch["labels"] [B, N, n_objectives]); model.scores(ctx_items, ctx_ratings, candidates) -> logits
-[B, N, n_obj];
-model(batch, score_items=True) -> the `rank_by` objective's logits for every item [B, n_items + 1].
+[B, N, n_obj]; model(batch, score_items=True) -> the `rank_by` objective's logits for every item [B, n_items + 1].
 """
 from __future__ import annotations
 
@@ -79,7 +78,7 @@ class RankerConfig:
 
     def num_params(self, embeddings: bool = True, active: bool = False) -> int:
         heads = len(self.objectives) * (3 * self.dim * self.head_dim + 2 * self.head_dim + 1)
-        bias = (self.n_items + 1) * len(self.objectives) + 6 * self.dim  # item offsets, rating table
+        bias = (self.n_items + 1) * len(self.objectives) + (MAX_RATING + 1) * self.dim  # item offsets, ratings
         return self.tower_config().num_params(embeddings) + heads + (bias if embeddings else 0)
 
 
