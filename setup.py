@@ -22,6 +22,7 @@ setup(
         "gguf",
         "sympy",  # math answer verification in keel.rl.rewards
         "matplotlib",  # keel plot
+        "pillow",  # keel kelix: PNG images in and out
         "faiss-cpu",  # k-means of the semantic-ID tokenizer (keel sid build)
     ],
     extras_require={

@@ -16,6 +16,7 @@ def register_all() -> None:
     """Import every layer that registers recipe sections, families or trainers on import."""
     import keel.checkpoint.config  # noqa: F401
     import keel.data.config  # noqa: F401
+    import keel.data.image_config  # noqa: F401
     import keel.data.rec_config  # noqa: F401
     import keel.model  # noqa: F401
     import keel.rl  # noqa: F401

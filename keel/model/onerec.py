@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.model.attention import AttentionMask
-from keel.model.backbone import Attention, RMSNorm, TransformerBlock, feed_forward_for, rope_inv_freq
-from keel.model.moe import MoEFeedForward, MoEHooks
+from keel.model.backbone import (Attention, RMSNorm, TransformerBlock, feed_forward_for, init_feed_forward,
+                                 rope_inv_freq)
+from keel.model.moe import MoEHooks
 from keel.model.onerec_config import OneRecConfig
 
 
@@ -210,13 +211,7 @@ class OneRec(MoEHooks, nn.Module):
                 for lin in filter(None, (attn.wq, attn.wk, attn.wv)):
                     nn.init.normal_(lin.weight, std=std)
                 nn.init.normal_(attn.wo.weight, std=out_std)
-            ffn = block.feed_forward
-            if isinstance(ffn, MoEFeedForward):
-                ffn.init_weights(std, out_std)
-            else:
-                nn.init.normal_(ffn.w1.weight, std=std)
-                nn.init.normal_(ffn.w3.weight, std=std)
-                nn.init.normal_(ffn.w2.weight, std=out_std)
+            init_feed_forward(block.feed_forward, std, out_std)
         for head in self.heads:
             nn.init.normal_(head.weight, std=std)
         for module in self.modules():

@@ -38,6 +38,11 @@ class TrainingTask:
     def save_assets(self, run_dir: Path) -> None:
         """Files a run directory keeps beside its checkpoints (e.g. tokenizer/)."""
 
+    def on_fresh_start(self, model: torch.nn.Module) -> None:
+        """Called once when a run starts from step 0 with freshly initialised weights (not on resume,
+        not with model.init_from), on every rank: data-dependent initialisation (k-means codebooks).
+        Must compute the same on every rank."""
+
     def build_data(self, *, dp_rank: int, dp_size: int):
         raise NotImplementedError
 

@@ -67,6 +67,8 @@ class Trainer:
         if cfg.train.prefetch:
             self.data = Prefetcher(self.data, pin=self.dist.device.type == "cuda")
         self.step = self._resume()
+        if self.step == 0 and not getattr(cfg.model, "init_from", None):
+            self.task.on_fresh_start(self.model)
         # Only now, with everything checked and loaded, is the run directory written: a start that
         # fails leaves an existing run's config.yaml and tokenizer untouched, and makes no folder.
         self._setup_run_dir()
