@@ -81,6 +81,19 @@ def test_teacher_forced_loss_equals_a_position_by_position_reference():
     assert task.units(batch) == recount
 
 
+def test_image_loss_weight_scales_only_the_image_blocks():
+    model = small_model()
+    batch = real_batch(model.config, rows=2)
+    with torch.no_grad():
+        _, blocks, _ = model.inputs(batch)
+        on_image = model.image_positions(blocks, batch["image_start"])
+        image = reference_nbp_loss(model, blocks, batch["loss_blocks"] & on_image)
+        text = reference_nbp_loss(model, blocks, batch["loss_blocks"] & ~on_image)
+        model.config.image_loss_weight = 0.25
+        weighted = model(batch)
+    assert torch.allclose(weighted, text + 0.25 * image, rtol=1e-4), (weighted.item(), text.item(), image.item())
+
+
 def test_image_blocks_hold_each_sub_codebook_in_its_own_id_range():
     model = small_model()
     batch = real_batch(model.config, rows=3)

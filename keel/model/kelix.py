@@ -45,6 +45,9 @@ class KelixConfig(TransformerConfig):
     tokenizer: KelixTokConfig = field(default_factory=KelixTokConfig)
     nbp: NBPConfig = field(default_factory=NBPConfig)
     recon_weight: float = 1.0  # stage tokenizer: weight of the detokenizer's pixel MSE in the loss
+    # stage unified: weight of an image patch's sub-tokens against a caption's (the paper does not give
+    # it). 49 patches x (n_q + 1) sub-tokens outweigh a caption's ~12 about 20 to 1 at 1.0.
+    image_loss_weight: float = 1.0
     codebook_init_images: int = 2048  # stage tokenizer from scratch: k-means the codebooks on this many images (0: random)
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class KelixConfig(TransformerConfig):
                               f"{self.dim} (a fused patch vector is an LLM input embedding)")
         if self.stage not in STAGES:
             raise ConfigError(f"model.stage: unknown stage {self.stage!r}; expected one of {sorted(STAGES)}")
+        if self.image_loss_weight < 0:
+            raise ConfigError(f"model.image_loss_weight: must be >= 0, got {self.image_loss_weight}")
         if self.nbp.dim % self.nbp.heads:
             raise ConfigError(f"model.nbp.heads: {self.nbp.heads} does not divide model.nbp.dim {self.nbp.dim}")
 
@@ -143,11 +148,16 @@ class KelixModel(Transformer):
         return (col >= image_start[:, None]) & (col < image_start[:, None] + self.config.tokenizer.num_patches)
 
     # ------------------------------------------------------------ losses
-    def nbp_loss(self, h: torch.Tensor, blocks: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
-        """Summed teacher-forced loss of block t+1 from h_t wherever predict[:, t+1] holds."""
-        targets = blocks[:, 1:].masked_fill(blocks[:, 1:] == PAD, IGNORE_INDEX)
-        rows = predict[:, 1:]
-        return teacher_forced_loss(self.head, self.tok_embeddings, self.head_weight(), h[:, :-1][rows], targets[rows])
+    def nbp_loss(self, h: torch.Tensor, blocks: torch.Tensor, predict: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed teacher-forced loss of block t+1 from h_t wherever predict[:, t+1] holds (times
+        weight[:, t+1] when given)."""
+        # Every row goes through the head, unpredicted ones with ignored targets: no data-dependent
+        # shape (keel plan traces this under fake tensors; torch.compile would break the graph).
+        ignored = (blocks[:, 1:] == PAD) | ~predict[:, 1:, None]
+        targets = blocks[:, 1:].masked_fill(ignored, IGNORE_INDEX)
+        return teacher_forced_loss(self.head, self.tok_embeddings, self.head_weight(), h[:, :-1].flatten(0, 1),
+                                   targets.flatten(0, 1), row_weight=None if weight is None else weight[:, 1:].flatten())
 
     def inputs(self, batch: dict, blocks: torch.Tensor | None = None):
         """(LLM inputs [B, L, dim], blocks with the image filled in, the tokenizer's output or None).
@@ -182,7 +192,11 @@ class KelixModel(Transformer):
 
     def unified_stage_loss(self, batch: dict) -> torch.Tensor:
         x, blocks, _ = self.inputs(batch)
-        return self.nbp_loss(self.hidden_states(x), blocks, batch["loss_blocks"])
+        weight = None
+        if self.config.image_loss_weight != 1.0:
+            on_image = self.image_positions(blocks, batch["image_start"])
+            weight = torch.where(on_image, self.config.image_loss_weight, 1.0).to(x.dtype)
+        return self.nbp_loss(self.hidden_states(x), blocks, batch["loss_blocks"], weight)
 
     def detokenizer_stage_loss(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():

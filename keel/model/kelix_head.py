@@ -77,13 +77,18 @@ class NextBlockHead(nn.Module):
 
 
 def teacher_forced_loss(head: NextBlockHead, embed, head_weight: torch.Tensor, h: torch.Tensor,
-                        targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+                        targets: torch.Tensor, ignore_index: int = -100,
+                        row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of every target sub-token: h [N, llm_dim], targets [N, W] (the next
-    block's sub-ids, ignore_index after its q_eos). `embed` maps ids to LLM-width embeddings."""
+    block's sub-ids, ignore_index after its q_eos), each row's terms times row_weight [N] if given.
+    `embed` maps ids to LLM-width embeddings."""
     prev = embed(targets[:, :-1].clamp(min=0))
     out = head(h, prev)
     logits = F.linear(out, head_weight).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none")
+    if row_weight is not None:
+        loss = loss.view(targets.shape) * row_weight[:, None]
+    return loss.sum()
 
 
 @torch.no_grad()

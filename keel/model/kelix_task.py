@@ -149,15 +149,15 @@ class KelixTask(TrainingTask):
         return batch["blocks"].sum() + batch["labels"].sum()
 
     def fake_batch(self, rows: int, cp: int = 1) -> dict:
-        sample = self.dataset_shape_sample()
-        return {k: torch.stack([v] * rows) for k, v in sample.items()}
-
-    def dataset_shape_sample(self) -> dict:
+        """Shapes only (keel plan traces it under fake tensors, where no value can be read)."""
         tok = self.cfg.model.tokenizer
-        images = torch.zeros(1, tok.image_size, tok.image_size, dtype=torch.uint8)
-        data = CaptionedImages(images, torch.zeros(1, dtype=torch.long), self.vocab, tok.num_patches, tok.n_q + 1,
-                               0.0, 0, fixed_caption=True)
-        return data[0]
+        words = max(len(c.split()) for k in range(len(CLASS_NAMES)) for c in captions_for(k))
+        length = 4 + tok.num_patches + words
+        return {"blocks": torch.zeros(rows, length, tok.n_q + 1, dtype=torch.long),
+                "image_start": torch.full((rows,), 2, dtype=torch.long),
+                "loss_blocks": torch.ones(rows, length, dtype=torch.bool),
+                "images": torch.zeros(rows, tok.channels, tok.image_size, tok.image_size),
+                "labels": torch.zeros(rows, dtype=torch.long)}
 
     def sample_shape(self) -> str:
         tok = self.cfg.model.tokenizer
