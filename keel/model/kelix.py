@@ -143,9 +143,7 @@ class KelixModel(Transformer):
         return (self.tok_embeddings(blocks) * keep[..., None].to(self.tok_embeddings.weight.dtype)).sum(-2)
 
     def image_positions(self, blocks: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
-        """[B, L] bool: the positions of the image's patch blocks."""
-        col = torch.arange(blocks.shape[1], device=blocks.device)
-        return (col >= image_start[:, None]) & (col < image_start[:, None] + self.config.tokenizer.num_patches)
+        return image_positions(blocks, image_start, self.config.tokenizer.num_patches)
 
     # ------------------------------------------------------------ losses
     def nbp_loss(self, h: torch.Tensor, blocks: torch.Tensor, predict: torch.Tensor,
@@ -186,7 +184,7 @@ class KelixModel(Transformer):
         # Captions train the tokenizer through the LLM; the image's own blocks are not targets here.
         predict = batch["loss_blocks"] & ~self.image_positions(blocks, batch["image_start"])
         loss = self.nbp_loss(self.hidden_states(x), blocks, predict)
-        units = ((blocks[:, 1:] != PAD) & predict[:, 1:, None]).sum()
+        units = text_subtokens(blocks, predict)
         recon = self.detokenizer.reconstruction_loss(tok.fused, batch["images"])
         return loss + units * (tok.loss + self.config.recon_weight * recon)
 
@@ -214,10 +212,10 @@ class KelixModel(Transformer):
         width = captions.shape[-1]
         index = (start[:, None] + torch.arange(width, device=start.device))
         scores = []
+        prefix = batch["blocks"].masked_fill(  # [bos][boi] image [eoi], nothing after
+            (torch.arange(batch["blocks"].shape[1], device=start.device) >= start[:, None])[..., None], PAD)
         for c in range(captions.shape[1]):
-            blocks = batch["blocks"].clone()
-            blocks[:, :, :] = torch.where(torch.arange(blocks.shape[1], device=blocks.device)[None, :, None]
-                                          >= start[:, None, None], PAD, blocks)
+            blocks = prefix.clone()
             words = captions[:, c]
             text = torch.stack([words, torch.where(words == PAD, PAD, Q_EOS)], -1)
             blocks[..., :2] = blocks[..., :2].scatter(1, index[..., None].expand(-1, -1, 2), text)
@@ -265,6 +263,18 @@ class KelixModel(Transformer):
         logp = F.log_softmax(F.linear(out, self.head_weight()).float(), -1)
         picked = logp.gather(-1, target[..., None])[..., 0]
         return (picked * (targets != IGNORE_INDEX)).sum(-1)
+
+
+def image_positions(blocks: torch.Tensor, image_start: torch.Tensor, patches: int) -> torch.Tensor:
+    """[B, L] bool: the positions of each row's image patch blocks."""
+    col = torch.arange(blocks.shape[1], device=blocks.device)
+    return (col >= image_start[:, None]) & (col < image_start[:, None] + patches)
+
+
+def text_subtokens(blocks: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+    """Target sub-tokens of the predicted blocks whose sub-ids are in `blocks` (the image's are PAD
+    until the model fills them in)."""
+    return ((blocks[:, 1:] != PAD) & predict[:, 1:, None]).sum()
 
 
 def text_blocks_pad(block: torch.Tensor, width: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from keel.data.fashion_mnist import CLASS_NAMES, captions_for, load_fashion_mnis
 from keel.data.loader import TrainData
 from keel.data.sampler import GlobalBatchSampler
 from keel.errors import ConfigError
+from keel.model.kelix import image_positions, text_subtokens
 from keel.model.kelix_tok import usage_from_counts
 from keel.model.kelix_vocab import BOI, BOS, EOI, EOS, PAD, Q_EOS, CaptionVocab
 from keel.model.task import TrainingTask
@@ -139,11 +140,12 @@ class KelixTask(TrainingTask):
         stage, blocks = self.cfg.model.stage, batch["blocks"]
         if stage == "detokenizer":
             return torch.tensor(batch["images"][:, 0].numel())
-        predicted = batch["loss_blocks"][:, 1:]
-        text = ((blocks[:, 1:] != PAD) & predicted[..., None]).sum()
+        text = text_subtokens(blocks, batch["loss_blocks"])
         if stage == "tokenizer":
             return text
-        return text + image_units(batch, self.cfg.model.tokenizer)
+        tok = self.cfg.model.tokenizer  # each predicted patch block: n_q codes + q_eos
+        on_image = image_positions(blocks, batch["image_start"], tok.num_patches)
+        return text + (on_image[:, 1:] & batch["loss_blocks"][:, 1:]).sum() * (tok.n_q + 1)
 
     def fingerprint(self, batch: dict) -> torch.Tensor:
         return batch["blocks"].sum() + batch["labels"].sum()
@@ -192,12 +194,4 @@ class KelixTask(TrainingTask):
                     "eval_usage_min": float(usage["usage"].min()),
                     "eval_perplexity_mean": float(usage["perplexity"].mean())})
         return out
-
-
-def image_units(batch: dict, tok) -> torch.Tensor:
-    """Target sub-tokens of the image's patch blocks (n_q codes + q_eos each) that are predicted."""
-    col = torch.arange(batch["blocks"].shape[1], device=batch["blocks"].device)
-    start = batch["image_start"][:, None]
-    on_image = (col >= start) & (col < start + tok.num_patches)
-    return (on_image[:, 1:] & batch["loss_blocks"][:, 1:]).sum() * (tok.n_q + 1)
 
