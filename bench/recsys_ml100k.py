@@ -1,7 +1,8 @@
-"""OneRec-V2 and its baselines on the real MovieLens-100K, on the same leave-one-out split.
+"""OneRec-V2, S²GR and their baselines on the real MovieLens-100K, on the same leave-one-out split.
 
     python bench/recsys_ml100k.py                       # 3 seeds, every model (about an hour on 2 cores)
     python bench/recsys_ml100k.py --seeds 1 --models lazy sasrec --steps 300     # a quick look
+    python bench/recsys_ml100k.py --seeds 3 --models tiger s2gr                  # S²GR vs TIGER
 
 Per model and seed: `keel train` of its recipe (train.seed = the seed), then the TEST split scored
 in-process: HR@{10,20} and NDCG@{10,20} over all 1,682 items, each user's known items masked. The
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import keel  # noqa: E402
 from keel.model.rec_baselines import MarkovScorer, PopularityScorer  # noqa: E402
+from keel.model.rec_task import sid_table_path  # noqa: E402
 from keel.model.rec_eval import bootstrap_ci, evaluate_scorer, seeds_summary  # noqa: E402
 from keel.model.rec_flops import compare_architectures, training_flops_per_sample  # noqa: E402
 from keel.model.registry import get_model_spec  # noqa: E402
@@ -44,6 +46,8 @@ MODELS = {
     "encoder_decoder": (ONEREC, ["model.architecture=encoder_decoder", "model.g_kv=0", "model.encoder_layers=2",
                                  "recsys.eval_beam=32"], False),
     "naive": (ONEREC, ["model.architecture=naive_decoder", "model.g_kv=0", "recsys.eval_beam=32"], False),
+    "tiger": ("recipes/recsys/tiger-tiny.yaml", [], False),  # RQ-VAE IDs, encoder-decoder
+    "s2gr": ("recipes/recsys/s2gr-tiny.yaml", [], False),  # CoBa RQ-VAE IDs, the same + latent thoughts
 }
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 SHOWN = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "unmasked hr@10", "unmasked ndcg@10")
@@ -126,7 +130,9 @@ def main() -> None:
     args = p.parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "keel", "sid", "build", ONEREC], cwd=REPO, check=True)
+    for recipe in dict.fromkeys([ONEREC] + [MODELS[name][0] for name in args.models]):
+        if not sid_table_path(keel.load_recipe(REPO / recipe).recsys).is_file():  # built once per setting
+            subprocess.run([sys.executable, "-m", "keel", "sid", "build", recipe], cwd=REPO, check=True)
     results: dict = {}
     for name, (masked, unmasked) in baselines(keel.load_recipe(REPO / SASREC)).items():
         results[name] = summarise([{"train_s": 0.0, "flops": 0.0, **cells(masked, unmasked, 0)}])

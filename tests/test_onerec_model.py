@@ -26,10 +26,11 @@ def tiny_config(architecture="lazy_decoder", **overrides) -> OneRecConfig:
     return OneRecConfig(**fields)
 
 
-def build(cfg, seed=0):
+def build(cfg, seed=0, cls=OneRec):
+    """The model built on meta, then materialised and initialised as the trainer does."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = OneRec(cfg)
+        model = cls(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
     return model

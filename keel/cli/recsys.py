@@ -23,7 +23,9 @@ def cmd_sid_build(args) -> None:
 
     cfg = _recsys_recipe(args.recipe, args.overrides)
     sid = cfg.recsys.sid
-    print(f"keel sid: RQ-KMeans {sid.levels} x {sid.codebook} over {sid.embedding} item embeddings of "
+    method = {"rq_kmeans": "RQ-KMeans", "rq_vae": f"RQ-VAE ({sid.vae.steps} steps)",
+              "coba": f"CoBa RQ-VAE ({sid.vae.steps} steps, co-occurrence window {sid.vae.cooc_window})"}[sid.method]
+    print(f"keel sid: {method} {sid.levels} x {sid.codebook} over {sid.embedding} item embeddings of "
           f"{cfg.recsys.dataset} (seed {sid.seed})", flush=True)
     table, path = build_sid_table(cfg.recsys)
     report = table.report
@@ -31,7 +33,11 @@ def cmd_sid_build(args) -> None:
           + (" (last: de-duplication)" if sid.dedup else ""))
     print("  utilisation per level: " + ", ".join(f"{u:.3f}" for u in report["utilisation"]))
     print(f"  collision rate before de-duplication: {report['collision_rate']:.3f}; "
-          f"relative reconstruction error: {report['recon_error']:.3f}")
+          f"relative reconstruction error: {report['recon_error']:.3f}"
+          + (" (of the latent)" if "decoder_recon_error" in report else ""))
+    if "decoder_recon_error" in report:  # RQ-VAE methods: how well the decoder rebuilds the embeddings
+        print(f"  decoder reconstruction error: {report['decoder_recon_error']:.3f}; "
+              f"final training loss: {report['final_loss']:.4f}")
     print(f"wrote {path.absolute()}\nnext: keel train {args.recipe}")
 
 
@@ -70,7 +76,7 @@ def add_parsers(sub, parser_class) -> None:
                        epilog="examples:\n  keel sid build recipes/recsys/onerec-tiny.yaml\n"
                               "  keel sid build recipes/recsys/onerec-tiny.yaml recsys.sid.embedding=content",
                        formatter_class=parser_class.formatter)
-    s.add_argument("action", choices=["build"], help="build: run RQ-KMeans and write the table beside the data")
+    s.add_argument("action", choices=["build"], help="build: build semantic IDs (recsys.sid.method) and write the table beside the data")
     s.add_argument("recipe", help="a recipe with a recsys: section (recipes/recsys/*.yaml)")
     s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.set_defaults(fn=cmd_sid_build)

@@ -18,8 +18,41 @@ USER_FEATURES = ("user", "age", "gender", "occupation")
 
 
 @dataclass
+class RqVaeConfig:
+    """RQ-VAE semantic IDs (recsys.sid.method rq_vae / coba); CoBa's smoothing and codebook terms
+    are only read by `coba`, whose paper gives no formulas for them: keel's choices, see rq_vae.py."""
+    latent_dim: int = 32  # width of the quantised latent (the code vectors)
+    hidden: int = 128  # hidden width of the encoder and decoder MLPs
+    steps: int = 3000  # Adam steps over mini-batches of items
+    batch: int = 256  # items per step
+    lr: float = 1e-3  # Adam learning rate
+    commitment: float = 0.25  # beta of the commitment term ||z - sg(c)||^2
+    cooc_window: int = 5  # coba: items at most this many steps apart in a user's train history co-occur
+    appnp_alpha: float = 0.2  # coba: teleport weight alpha of the APPNP propagation
+    appnp_hops: int = 3  # coba: propagation hops K_g (H_align averages H^(0..K_g) with weights alpha(1-alpha)^k)
+    uniformity_weight: float = 0.1  # coba: weight of the repulsion between codes of one level closer than the margin
+    uniformity_margin: float = 0.5  # coba: repulsion margin, fraction of the level's mean code distance (near 1: codes leave the data)
+    balance_strength: float = 0.5  # coba: load balancing: distance scaled by 1 + strength * (usage / mean usage - 1)
+    balance_clip: float = 0.5  # coba: that scale's change is clipped to +-balance_clip
+
+    def validate(self, key: str) -> None:
+        for name in ("latent_dim", "hidden", "steps", "batch", "cooc_window", "appnp_hops"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 < self.appnp_alpha <= 1:
+            raise ConfigError(f"{key}.appnp_alpha: expected a teleport weight in (0, 1], got {self.appnp_alpha}")
+        for name in ("lr", "commitment", "uniformity_weight", "uniformity_margin", "balance_strength", "balance_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+SID_METHODS = ("rq_kmeans", "rq_vae", "coba")
+
+
+@dataclass
 class SidConfig:
-    levels: int = 3  # RQ-KMeans levels (before the de-duplication level)
+    method: Literal["rq_kmeans", "rq_vae", "coba"] = "rq_kmeans"  # RQ-KMeans (OneRec), RQ-VAE, or CoBa RQ-VAE (co-occurrence smoothed, balanced)
+    levels: int = 3  # quantisation levels (before the de-duplication level)
     codebook: int = 32  # clusters per level (production OneRec: 8192; must not exceed the catalogue)
     embedding: Literal["collaborative", "content", "both"] = "collaborative"  # SVD of train data, SmolLM2 text, or both
     dedup: bool = True  # append one level numbering items that share a code path, so every SID is unique
@@ -27,8 +60,12 @@ class SidConfig:
     svd_dim: int = 64  # width of the collaborative (SVD) item embedding
     kmeans_iters: int = 20  # faiss k-means iterations per level
     seed: int = 0  # seed of the embedding and k-means, so a SID table is reproducible
+    vae: RqVaeConfig = field(default_factory=RqVaeConfig)  # methods rq_vae and coba
 
     def validate(self, key: str = "recsys.sid") -> None:
+        if self.method not in SID_METHODS:
+            raise ConfigError(f"{key}.method: unknown {self.method!r}; expected one of {list(SID_METHODS)}")
+        self.vae.validate(f"{key}.vae")
         for name in ("levels", "svd_dim", "kmeans_iters"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(self, name)}")

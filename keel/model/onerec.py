@@ -160,6 +160,16 @@ class OneRecBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def init_block(block: nn.Module, std: float, out_std: float) -> None:
+    """Normal init of a decoder/encoder block's projections; output projections at the depth-scaled std."""
+    attns = [block.attention] + [getattr(block, "cross_attention", None)]
+    for attn in filter(None, attns):
+        for lin in filter(None, (attn.wq, attn.wk, attn.wv)):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(attn.wo.weight, std=out_std)
+    init_feed_forward(block.feed_forward, std, out_std)
+
+
 class OneRec(MoEHooks, nn.Module):
     def __init__(self, cfg: OneRecConfig):
         super().__init__()
@@ -206,12 +216,7 @@ class OneRec(MoEHooks, nn.Module):
                 nn.init.zeros_(lin.bias)
         blocks = list(self.layers.values()) + list(self.encoder.values() if self.encoder is not None else [])
         for block in blocks:
-            attns = [block.attention] + [getattr(block, "cross_attention", None)]
-            for attn in filter(None, attns):
-                for lin in filter(None, (attn.wq, attn.wk, attn.wv)):
-                    nn.init.normal_(lin.weight, std=std)
-                nn.init.normal_(attn.wo.weight, std=out_std)
-            init_feed_forward(block.feed_forward, std, out_std)
+            init_block(block, std, out_std)
         for head in self.heads:
             nn.init.normal_(head.weight, std=std)
         for module in self.modules():
@@ -245,29 +250,39 @@ class OneRec(MoEHooks, nn.Module):
     def decode(self, batch, owner: torch.Tensor, tokens: torch.Tensor, per_owner=None) -> torch.Tensor:
         """Hidden states [M, Lq, dim] of decoder token ids [M, Lq], row m using context row owner[m].
         per_owner R: the caller knows owner == [0]*R + [1]*R + ... (else it is checked here once)."""
-        context, ctx_valid = self.context(batch)
+        memory, ctx_valid = self.context_memory(batch)
         if per_owner is None:
             per_owner = grouped_by_owner(owner, ctx_valid.shape[0])
-        h = self.tok_embeddings(tokens)
-        q_len = tokens.shape[1]
-        if self.config.architecture == "naive_decoder":
-            return self._decode_naive(context, ctx_valid, owner, h)
-        k = v = None
+        return self.run_decoder(self.tok_embeddings(tokens), memory, ctx_valid, owner, per_owner)
+
+    def context_memory(self, batch):
+        """What the decoder reads of the context rows, computed once per batch: the lazy KV sets,
+        the encoder's output (encoder_decoder) or the processed tokens (naive); and their validity."""
+        context, ctx_valid = self.context(batch)
         if self.lazy:
-            sets = self.kv_sets(context)
-        else:  # V1-style encoder over the context, bidirectional among valid tokens
+            return self.kv_sets(context), ctx_valid
+        if self.encoder is not None:  # V1-style encoder over the context, bidirectional among valid tokens
             cos, sin = self.rope(ctx_valid.long().cumsum(1) - 1)
             mask = AttentionMask(causal=False, key_valid=ctx_valid)
             mask.prepare(context.shape[1], context.shape[1], context.device)
             for block in self.encoder.values():
                 context = block(context, cos, sin, mask)
-            k = self.encoder_norm(context)
-        positions = torch.arange(q_len, device=tokens.device).expand(tokens.shape[0], q_len)
+            return self.encoder_norm(context), ctx_valid
+        return context, ctx_valid
+
+    def run_decoder(self, h, memory, ctx_valid, owner, per_owner=None, layers=None):
+        """The decoder blocks (`layers`: another stack of OneRecBlocks, e.g. S²GR's auxiliary
+        decoder) over input vectors h [M, Lq, dim] with positions 0..Lq-1."""
+        if self.config.architecture == "naive_decoder":
+            return self._decode_naive(memory, ctx_valid, owner, h)
+        q_len = h.shape[1]
+        positions = torch.arange(q_len, device=h.device).expand(h.shape[0], q_len)
         cos, sin = self.rope(positions)
         mask = AttentionMask(causal=True)
-        for i, block in enumerate(self.layers.values()):
+        k = v = memory  # encoder_decoder: the blocks project K/V from the encoder output
+        for i, block in enumerate((layers if layers is not None else self.layers).values()):
             if self.lazy:
-                k, v = sets[self.config.kv_set(i)]
+                k, v = memory[self.config.kv_set(i)]
             h = block(h, cos, sin, mask, k, v, owner, ctx_valid, per_owner)
         return h
 

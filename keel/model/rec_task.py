@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from keel.data.assets import keel_home
-from keel.data.rec_config import RecsysConfig
+from keel.data.rec_config import RecsysConfig, SidConfig
 from keel.data.recsys import build_rec_data, load_split, resolve_dataset
 from keel.errors import ConfigError
 from keel.model.item_embeddings import ItemSource, item_embeddings
@@ -36,23 +36,49 @@ def sid_table_path(cfg: RecsysConfig) -> Path:
     package (RecBole's ML-100K when not fetched) keeps its tables under $KEEL_HOME/sid instead."""
     if cfg.sid_table:
         return Path(cfg.sid_table).expanduser()
-    digest = hashlib.sha256(json.dumps(asdict(cfg.sid), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(sid_settings(cfg.sid), sort_keys=True).encode()).hexdigest()[:10]
     prefix = resolve_dataset(cfg.dataset)
     folder = keel_home() / "sid" if "site-packages" in prefix.parts else prefix.parent
     return folder / f"{prefix.name}.sid-{digest}.npz"
 
 
+def sid_settings(sid: SidConfig) -> dict:
+    """The settings a table is built from; RQ-KMeans reads no RQ-VAE key, so those stay out of its
+    digest (a table built before the RQ-VAE methods existed keeps its name)."""
+    settings = asdict(sid)
+    if sid.method == "rq_kmeans":
+        settings.pop("method"), settings.pop("vae")
+    return settings
+
+
+def _rq_kmeans(embeddings, sid: SidConfig, histories, item_ids) -> SidTable:
+    return rq_kmeans(embeddings, sid.levels, sid.codebook, iters=sid.kmeans_iters, seed=sid.seed,
+                     balanced_last=sid.balanced_last, dedup=sid.dedup, item_ids=item_ids)
+
+
+def _rq_vae(coba: bool):
+    def build(embeddings, sid: SidConfig, histories, item_ids) -> SidTable:
+        from keel.model.rq_vae import rq_vae  # trains a model: imported only when a table is built
+        return rq_vae(embeddings, sid.levels, sid.codebook, sid.vae, coba=coba, histories=histories,
+                      iters=sid.kmeans_iters, seed=sid.seed, dedup=sid.dedup, item_ids=item_ids)
+    return build
+
+
+# recsys.sid.method -> builder(item embeddings, SidConfig, train histories (indptr, items), item ids)
+SID_BUILDERS = {"rq_kmeans": _rq_kmeans, "rq_vae": _rq_vae(coba=False), "coba": _rq_vae(coba=True)}
+
+
 def build_sid_table(cfg: RecsysConfig) -> tuple[SidTable, Path]:
-    """RQ-KMeans semantic IDs of the log's items from the embeddings recsys.sid.embedding names
-    (collaborative ones from training interactions only: no held-out item informs a SID)."""
+    """Semantic IDs of the log's items by recsys.sid.method from the embeddings recsys.sid.embedding
+    names (collaborative ones, and CoBa's co-occurrences, from training interactions only: no
+    held-out item informs a SID)."""
     log, split = load_split(cfg)
     users, items = split.train_pairs()
     source = ItemSource(n_users=log.n_users, n_items=log.n_items, user_idx=users, item_idx=items,
                         texts=log.item_text, svd_dim=cfg.sid.svd_dim, seed=cfg.sid.seed)
     embeddings = item_embeddings(cfg.sid.embedding, source)
-    table = rq_kmeans(embeddings, cfg.sid.levels, cfg.sid.codebook, iters=cfg.sid.kmeans_iters, seed=cfg.sid.seed,
-                      balanced_last=cfg.sid.balanced_last, dedup=cfg.sid.dedup, item_ids=log.item_ids)
-    table.config = {**asdict(cfg.sid), "dataset": cfg.dataset}
+    table = SID_BUILDERS[cfg.sid.method](embeddings, cfg.sid, split.history("valid"), log.item_ids)
+    table.config = {**sid_settings(cfg.sid), "dataset": cfg.dataset}
     path = sid_table_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     return table, table.save(path)
@@ -170,11 +196,12 @@ class GenerativeRecTask(RecommendationTask):
     """Targets and context items as semantic IDs (OneRec-V2): the table must exist before training."""
     sids: torch.Tensor | None = None
     trie: SidTrie | None = None
+    table: SidTable | None = None
 
     def prepare(self) -> None:
         super().prepare()
         path = sid_table_path(self.rec)
-        table = SidTable.load(path, item_ids=self.log.item_ids)
+        table = self.table = SidTable.load(path, item_ids=self.log.item_ids)
         self.sids = torch.from_numpy(table.sids)
         self.trie = SidTrie.from_table(table.sids, table.sid_levels)
         self.sid_levels = list(table.sid_levels)

@@ -30,13 +30,15 @@ TABLE_FORMAT = 1
 @dataclass
 class SidTable:
     """sids int64 [n_items + 1, L] (row 0 zeros; codes of level t in [0, sid_levels[t])), the
-    codebook size per level (de-dup level last), raw item ids (index 0 = ""), the build report
-    and the settings it was built with."""
+    codebook size per level (de-dup level last), raw item ids (index 0 = ""), the build report,
+    the settings it was built with and the code vectors of each quantised level ([K, d] per
+    level, de-dup level excluded: what S²GR aligns its thoughts with; empty in older tables)."""
     sids: np.ndarray
     sid_levels: list[int]
     item_ids: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    codebooks: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -52,7 +54,8 @@ class SidTable:
                 np.savez(f, format=np.int64(TABLE_FORMAT), sids=self.sids.astype(np.int64),
                          sid_levels=np.asarray(self.sid_levels, dtype=np.int64),
                          item_ids=np.asarray(self.item_ids or [""] * (self.n_items + 1), dtype=str),
-                         report=np.asarray(json.dumps(self.report)), config=np.asarray(json.dumps(self.config)))
+                         report=np.asarray(json.dumps(self.report)), config=np.asarray(json.dumps(self.config)),
+                         **{f"codebook_{i}": np.asarray(c, dtype=np.float32) for i, c in enumerate(self.codebooks)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -70,7 +73,8 @@ class SidTable:
                 fmt = int(z["format"])
                 table = cls(sids=z["sids"].astype(np.int64), sid_levels=[int(v) for v in z["sid_levels"]],
                             item_ids=[str(s) for s in z["item_ids"]], report=json.loads(str(z["report"])),
-                            config=json.loads(str(z["config"])))
+                            config=json.loads(str(z["config"])),
+                            codebooks=[z[f"codebook_{i}"] for i in range(len(z["sid_levels"])) if f"codebook_{i}" in z])
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"{key}: {path} is not a keel SID table ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); rebuild it with `keel sid build RECIPE`") from None
@@ -96,7 +100,7 @@ def _faiss():
     return faiss
 
 
-def _kmeans(x: np.ndarray, k: int, iters: int, seed: int):
+def kmeans(x: np.ndarray, k: int, iters: int, seed: int):
     """Seeded faiss k-means on x; its index answers nearest-centroid queries without an [n, k]
     distance matrix (3 x 8192 over a million items would not fit)."""
     faiss = _faiss()
@@ -159,6 +163,58 @@ def _entropy_bits(codes: np.ndarray, k: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def check_inputs(embeddings, levels: int, codebook: int, key: str) -> np.ndarray:
+    """The items' rows x [n_items, d] (padding row dropped) after the checks every SID builder makes."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] < 2 or not np.isfinite(emb).all():
+        raise DataError(f"{key}.embedding: item embeddings must be a finite [n_items + 1, d] array, got {emb.shape}")
+    x = np.ascontiguousarray(emb[1:])
+    n = x.shape[0]
+    if levels < 1:
+        raise ConfigError(f"{key}.levels: {levels}; expected at least 1")
+    if codebook < 1 or codebook > n:
+        raise ConfigError(f"{key}.codebook: {codebook} codes per level for a catalogue of {n} items; "
+                          f"expected 1..{n} (k-means cannot fill more centroids than items)")
+    return x
+
+
+def assemble_table(x: np.ndarray, residual: np.ndarray, codes: list[np.ndarray], vectors: list[np.ndarray],
+                   codebook: int, *, dedup: bool, item_ids: Optional[Sequence[str]], config: dict,
+                   key: str) -> SidTable:
+    """The SidTable of per-level codes [n] (items 1..n) quantising x [n, d] with `residual` left:
+    collision rate, the de-dup level (or the refusal when dedup is off and paths collide), the
+    report and the table; shared by every SID builder so their reports mean the same."""
+    n = x.shape[0]
+    paths = np.stack(codes, 1)
+    _, group, sizes = np.unique(paths, axis=0, return_inverse=True, return_counts=True)
+    shared = sizes[group.reshape(-1)] > 1
+    sid_levels = [codebook] * len(codes)
+    if dedup:
+        extra = dedup_codes(paths)
+        paths = np.concatenate([paths, extra[:, None]], 1)
+        sid_levels.append(int(sizes.max()))
+    elif shared.any():
+        raise ConfigError(f"{key}.dedup: false but {int(shared.sum())} items share a full SID path; "
+                          f"set dedup: true or raise {key}.codebook / {key}.levels")
+    norm = (x * x).sum(1)
+    err = (residual * residual).sum(1)
+    nz = norm > 0
+    last = np.bincount(codes[-1], minlength=codebook)
+    report = {
+        "n_items": n, "utilisation": [float(np.unique(c).size / codebook) for c in codes],
+        "entropy_bits": [_entropy_bits(c, codebook) for c in codes],
+        "collision_rate": float(shared.mean()), "dedup_size": int(sizes.max()),
+        "recon_error": float(err.sum() / max(norm.sum(), 1e-30)),
+        "recon_error_mean": float((err[nz] / norm[nz]).mean()) if nz.any() else 0.0,
+        "last_level_sizes": [int(last.min()), int(last.max())],
+    }
+    sids = np.zeros((n + 1, len(sid_levels)), dtype=np.int64)
+    sids[1:] = paths
+    ids = list(item_ids) if item_ids is not None else [""] + [str(i) for i in range(1, n + 1)]
+    return SidTable(sids=sids, sid_levels=sid_levels, item_ids=ids, report=report, config=config,
+                    codebooks=[np.asarray(v, dtype=np.float32) for v in vectors])
+
+
 def rq_kmeans(embeddings: np.ndarray, levels: int = 3, codebook: int = 32, *, iters: int = 20, seed: int = 0,
               balanced_last: bool = False, dedup: bool = True, item_ids: Optional[Sequence[str]] = None,
               key: str = "recsys.sid") -> SidTable:
@@ -170,20 +226,11 @@ def rq_kmeans(embeddings: np.ndarray, levels: int = 3, codebook: int = 32, *, it
     with a zero embedding do not divide by zero) and `recon_error_mean` = the mean of the per-item
     ratio over items with a non-zero embedding; `dedup_size` = the largest collision group.
     """
-    emb = np.asarray(embeddings, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] < 2 or not np.isfinite(emb).all():
-        raise DataError(f"{key}.embedding: item embeddings must be a finite [n_items + 1, d] array, got {emb.shape}")
-    x = np.ascontiguousarray(emb[1:])
-    n = x.shape[0]
-    if levels < 1:
-        raise ConfigError(f"{key}.levels: {levels}; expected at least 1")
-    if codebook < 1 or codebook > n:
-        raise ConfigError(f"{key}.codebook: {codebook} codes per level for a catalogue of {n} items; "
-                          f"expected 1..{n} (k-means cannot fill more centroids than items)")
+    x = check_inputs(embeddings, levels, codebook, key)
     residual = x.copy()
-    codes, util, entropy = [], [], []
+    codes, vectors = [], []
     for level in range(levels):
-        km = _kmeans(residual, codebook, iters, seed + level)
+        km = kmeans(residual, codebook, iters, seed + level)
         centroids = km.centroids.astype(np.float32)
         if balanced_last and level == levels - 1:
             code = balanced_assign(_sq_dist(residual, centroids))
@@ -195,34 +242,9 @@ def rq_kmeans(embeddings: np.ndarray, levels: int = 3, codebook: int = 32, *, it
         else:
             code = km.index.search(residual, 1)[1][:, 0]
         residual -= centroids[code]
+        vectors.append(centroids)
         codes.append(code.astype(np.int64))
-        util.append(float(np.unique(code).size / codebook))
-        entropy.append(_entropy_bits(code, codebook))
-    paths = np.stack(codes, 1)
-    _, group, sizes = np.unique(paths, axis=0, return_inverse=True, return_counts=True)
-    shared = sizes[group.reshape(-1)] > 1
-    sid_levels = [codebook] * levels
-    if dedup:
-        extra = dedup_codes(paths)
-        paths = np.concatenate([paths, extra[:, None]], 1)
-        sid_levels.append(int(sizes.max()))
-    elif shared.any():
-        raise ConfigError(f"{key}.dedup: false but {int(shared.sum())} items share a full SID path; "
-                          f"set dedup: true or raise {key}.codebook / {key}.levels")
-    norm = (x * x).sum(1)
-    err = (residual * residual).sum(1)
-    nz = norm > 0
-    report = {
-        "n_items": n, "utilisation": util, "entropy_bits": entropy,
-        "collision_rate": float(shared.mean()), "dedup_size": int(sizes.max()),
-        "recon_error": float(err.sum() / max(norm.sum(), 1e-30)),
-        "recon_error_mean": float((err[nz] / norm[nz]).mean()) if nz.any() else 0.0,
-        "last_level_sizes": [int(v) for v in (np.bincount(codes[-1], minlength=codebook).min(),
-                                              np.bincount(codes[-1], minlength=codebook).max())],
-    }
     config = {"levels": levels, "codebook": codebook, "iters": iters, "seed": seed,
               "balanced_last": balanced_last, "dedup": dedup, "dim": int(x.shape[1])}
-    sids = np.zeros((n + 1, len(sid_levels)), dtype=np.int64)
-    sids[1:] = paths
-    ids = list(item_ids) if item_ids is not None else [""] + [str(i) for i in range(1, n + 1)]
-    return SidTable(sids=sids, sid_levels=sid_levels, item_ids=ids, report=report, config=config)
+    return assemble_table(x, residual, codes, vectors, codebook, dedup=dedup, item_ids=item_ids,
+                          config=config, key=key)
