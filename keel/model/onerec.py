@@ -151,13 +151,32 @@ class OneRecBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = feed_forward_for(bcfg, layer_index)
 
-    def forward(self, x, cos, sin, mask: AttentionMask, k=None, v=None, owner=None, ctx_valid=None, per_owner=None):
+    def forward(self, x, cos, sin, mask: AttentionMask, k=None, v=None, owner=None, ctx_valid=None, per_owner=None,
+                cache=None):
         if self.cross_attention is not None and self.cross_first:
             x = x + self.cross_attention(self.cross_norm(x), k, v, owner, ctx_valid, per_owner)
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         if self.cross_attention is not None and not self.cross_first:
             x = x + self.cross_attention(self.cross_norm(x), k, v, owner, ctx_valid, per_owner)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GrowingCache:
+    """A block's self-attention keys and values so far, grown by concatenation: autograd can
+    differentiate through it (training a decoder that feeds its own outputs back, as S²GR does),
+    unlike generation's preallocated cache written in place."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        return self.k, self.v
 
 
 def init_block(block: nn.Module, std: float, out_std: float) -> None:
@@ -270,20 +289,22 @@ class OneRec(MoEHooks, nn.Module):
             return self.encoder_norm(context), ctx_valid
         return context, ctx_valid
 
-    def run_decoder(self, h, memory, ctx_valid, owner, per_owner=None, layers=None):
+    def run_decoder(self, h, memory, ctx_valid, owner, per_owner=None, layers=None, caches=None):
         """The decoder blocks (`layers`: another stack of OneRecBlocks, e.g. S²GR's auxiliary
-        decoder) over input vectors h [M, Lq, dim] with positions 0..Lq-1."""
+        decoder) over input vectors h [M, Lq, dim]. With `caches` (one GrowingCache per block) h
+        continues the cached sequence: its positions start after the cached ones."""
         if self.config.architecture == "naive_decoder":
             return self._decode_naive(memory, ctx_valid, owner, h)
+        start = caches[0].length if caches else 0
         q_len = h.shape[1]
-        positions = torch.arange(q_len, device=h.device).expand(h.shape[0], q_len)
+        positions = torch.arange(start, start + q_len, device=h.device).expand(h.shape[0], q_len)
         cos, sin = self.rope(positions)
-        mask = AttentionMask(causal=True)
+        mask = AttentionMask(causal=True, q_offset=start)
         k = v = memory  # encoder_decoder: the blocks project K/V from the encoder output
         for i, block in enumerate((layers if layers is not None else self.layers).values()):
             if self.lazy:
                 k, v = memory[self.config.kv_set(i)]
-            h = block(h, cos, sin, mask, k, v, owner, ctx_valid, per_owner)
+            h = block(h, cos, sin, mask, k, v, owner, ctx_valid, per_owner, caches[i] if caches else None)
         return h
 
     def _decode_naive(self, context, ctx_valid, owner, h):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from keel.errors import ConfigError
 from keel.model.backbone import RMSNorm
-from keel.model.onerec import OneRec, OneRecBlock, init_block
+from keel.model.onerec import GrowingCache, OneRec, OneRecBlock, init_block
 from keel.model.onerec_config import OneRecConfig
 
 
@@ -127,19 +127,25 @@ class S2GR(OneRec):
         return (self.thought_norm(thought) + self.level_embeddings.weight[level])[:, None]
 
     def think(self, memory, ctx_valid, owner, codes: torch.Tensor, n_levels: int, per_owner=None):
-        """Hidden states over [BOS, t_1, s_1, ..., s_{n-1}, t_n] for teacher-forced codes [M, >= n-1]
-        and the thoughts [M, n, dim]. One decoder pass per thought (each needs the one before it),
-        then one over the whole sequence; s_l's logits read position 2l - 1 (l from 1)."""
-        seq = self.tok_embeddings(codes.new_zeros(codes.shape[0], 1))
-        thoughts = []
-        for level in range(n_levels):
-            thought = self.run_decoder(seq, memory, ctx_valid, owner, per_owner)[:, -1]
-            thoughts.append(thought)
-            parts = [seq, self.thought_input(thought, level)]
+        """For teacher-forced codes [M, >= n-1]: the hidden states [M, n, dim] at the thoughts'
+        positions of [BOS, t_1, s_1, ..., s_{n-1}, t_n] (s_l's logits read the l-th) and the
+        thoughts themselves [M, n, dim]. Each thought needs the one before it, so the decoder runs
+        n + 1 times, each pass on the 1-2 new inputs only (self-attention keys and values cached)."""
+        caches = [GrowingCache() for _ in self.layers]
+        new = self.tok_embeddings(codes.new_zeros(codes.shape[0], 1))
+        thoughts, at_thoughts = [], []
+        for level in range(n_levels + 1):
+            h = self.run_decoder(new, memory, ctx_valid, owner, per_owner, caches=caches)
+            if level:
+                at_thoughts.append(h[:, 0])  # the input of this pass began with thought t_level
+            if level == n_levels:
+                break
+            thoughts.append(h[:, -1])
+            parts = [self.thought_input(thoughts[-1], level)]
             if level < n_levels - 1:
                 parts.append(self.tok_embeddings(codes[:, level:level + 1] + self.token_offsets[level]))
-            seq = torch.cat(parts, 1)
-        return self.run_decoder(seq, memory, ctx_valid, owner, per_owner), torch.stack(thoughts, 1)
+            new = torch.cat(parts, 1)
+        return torch.stack(at_thoughts, 1), torch.stack(thoughts, 1)
 
     def _teacher_forced(self, batch, codes: torch.Tensor):
         """log p of code paths [B, K, L] per context row, with the thoughts and what the auxiliary
@@ -149,7 +155,7 @@ class S2GR(OneRec):
         owner = torch.arange(n_rows, device=flat.device).repeat_interleave(n_paths)
         memory, ctx_valid = self.context_memory(batch)
         h, thoughts = self.think(memory, ctx_valid, owner, flat[:, :-1], n_levels, per_owner=n_paths)
-        logp = torch.stack([self.level_logprobs(h[:, 2 * t + 1], t).gather(-1, flat[:, t:t + 1])[:, 0]
+        logp = torch.stack([self.level_logprobs(h[:, t], t).gather(-1, flat[:, t:t + 1])[:, 0]
                             for t in range(n_levels)], 1)
         return logp.view(n_rows, n_paths, n_levels), thoughts, (memory, ctx_valid, owner, n_paths)
 
