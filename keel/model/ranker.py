@@ -19,7 +19,9 @@ batch["labels"] [B, N, n_objectives]); model.scores(ctx_items, ctx_ratings, cand
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,9 +29,11 @@ import torch.nn.functional as F
 
 from keel.data.recsys import MAX_RATING
 from keel.errors import ConfigError
+from keel.model.easq import EasqConfig, dpo_pair_losses
+from keel.model.lora import adapters_disabled, apply_lora, lora_modules
 from keel.model.sasrec import SASRec, SASRecConfig
 
-OBJECTIVES = ("engagement", "like")
+OBJECTIVES = ("engagement", "like", "satisfaction")
 NEGATIVE_SAMPLING = ("popularity", "uniform")
 
 
@@ -49,6 +53,9 @@ class RankerConfig:
     # log of real exposures looks like: shown items skew popular), or `uniform` over the catalogue.
     negative_sampling: str = "uniform"
     rank_by: str = "engagement"  # the objective `keel recommend` and HR/NDCG rank every item by
+    satisfied_rating: int = 4  # `satisfaction` (a questionnaire answer's stand-in) = the logged item rated >= this
+    satisfaction_reveal: float = 0.02  # share of training exposures whose satisfaction is known (a seeded hash of user and item)
+    easq: Optional[EasqConfig] = None  # EASQ: a LoRA pathway + online DPO on satisfaction pairs (keel/model/easq.py); null: off
     norm_eps: float = 1e-5
     init_std: float = 0.02
     context_len: int = 50  # filled from recsys.context_len
@@ -69,6 +76,12 @@ class RankerConfig:
                               f"got {self.negative_sampling!r}")
         if self.head_dim < 1:
             raise ConfigError(f"model.head_dim: must be > 0, got {self.head_dim}")
+        if not 0 < self.satisfaction_reveal <= 1:
+            raise ConfigError(f"model.satisfaction_reveal: expected a share in (0, 1], got {self.satisfaction_reveal}")
+        if self.easq is not None:
+            self.easq.validate()
+            if "satisfaction" not in self.objectives:
+                raise ConfigError("model.easq: needs the `satisfaction` objective in model.objectives (its own head)")
         self.tower_config().validate()
 
     def tower_config(self) -> SASRecConfig:
@@ -79,7 +92,18 @@ class RankerConfig:
     def num_params(self, embeddings: bool = True, active: bool = False) -> int:
         heads = len(self.objectives) * (3 * self.dim * self.head_dim + 2 * self.head_dim + 1)
         bias = (self.n_items + 1) * len(self.objectives) + (MAX_RATING + 1) * self.dim  # item offsets, ratings
-        return self.tower_config().num_params(embeddings) + heads + (bias if embeddings else 0)
+        return self.tower_config().num_params(embeddings) + heads + (bias if embeddings else 0) + self.lora_params()
+
+    def lora_params(self) -> int:
+        """Adapter parameters of model.easq.lora: rank * (in + out) per user-tower linear it matches."""
+        if self.easq is None:
+            return 0
+        d, f = self.dim, self.tower_config().ffn_dim
+        shapes = {"attention.wq": (d, d), "attention.wk": (d, d), "attention.wv": (d, d), "attention.wo": (d, d),
+                  "feed_forward.w1": (d, f), "feed_forward.w3": (d, f), "feed_forward.w2": (f, d)}
+        pattern = re.compile(self.easq.lora.targets)
+        return sum(self.easq.lora.rank * (n_in + n_out) for layer in range(self.n_layers)
+                   for name, (n_in, n_out) in shapes.items() if pattern.search(f"user_tower.layers.{layer}.{name}"))
 
 
 class Ranker(nn.Module):
@@ -97,6 +121,10 @@ class Ranker(nn.Module):
         # What the user thought of each context item (0 = padding): how a user rates says more about
         # what it will like than which items it picked.
         self.ratings = nn.Embedding(MAX_RATING + 1, cfg.dim)
+        if cfg.easq is not None:  # the satisfaction pathway; every weight keeps training (behaviour BCE)
+            apply_lora(self, cfg.easq.lora, key="model.easq.lora")
+            for param in self.parameters():
+                param.requires_grad_(True)
 
     @property
     def layers(self) -> nn.ModuleDict:
@@ -111,6 +139,8 @@ class Ranker(nn.Module):
     def init_weights(self) -> None:
         self.user_tower.init_weights()
         nn.init.zeros_(self.item_bias.weight)
+        for _, module in lora_modules(self):
+            module.reset_lora_parameters()  # B = 0: the pathway starts as a no-op
         nn.init.normal_(self.ratings.weight, std=self.config.init_std)
         for head in self.heads.values():
             for lin in (head[0], head[2]):
@@ -135,7 +165,17 @@ class Ranker(nn.Module):
             return logits
         logits = self.scores(batch["ctx_items"], batch["ctx_ratings"], batch["candidates"])
         bce = F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="none")
-        return (bce * batch["candidate_valid"][..., None]).sum()
+        loss = (bce * batch["label_weight"]).sum()
+        easq = self.config.easq
+        if easq is not None and easq.weight:
+            main = self.config.objectives.index(self.config.rank_by)
+            # The reference is the ranker without the pathway, differentiated too: the pairs then train
+            # f - f_ref, the pathway's own effect, and leave the shared weights to the behaviour labels.
+            with adapters_disabled(self):
+                reference = self.scores(batch["ctx_items"], batch["ctx_ratings"], batch["candidates"][:, :1])[:, 0, main]
+            pairs = dpo_pair_losses(logits[:, 0, main], reference, batch["satisfied"], batch["answered"], easq.beta)
+            loss = loss + easq.weight * pairs.sum()
+        return loss
 
 
 def build_ranker(cfg: RankerConfig) -> Ranker:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from keel.errors import ConfigError
+from keel.model.easq import revealed
 from keel.model.rec_task import SASRecTask
 
 
@@ -46,7 +47,9 @@ class RankerTask(SASRecTask):
 
     def with_inputs(self, batch: dict) -> dict:
         """The batch with `candidates` [B, 1 + negatives] (the logged item first), their `labels`
-        [B, 1 + negatives, n_objectives] and `candidate_valid` [B, 1] (padding rows count nothing)."""
+        and `label_weight` [B, 1 + negatives, n_objectives] (padding rows count nothing; satisfaction
+        counts only on the logged item of an answered exposure), and per row `satisfied` and
+        `answered` (the simulated questionnaire, keel/model/easq.py)."""
         if "candidates" in batch:
             return batch
         cfg = self.cfg.model
@@ -58,18 +61,25 @@ class RankerTask(SASRecTask):
         # Redrawing a negative that hit the positive would change every later draw: step to the next item.
         negatives = torch.where(negatives == positive[:, None], negatives % cfg.n_items + 1, negatives)
         candidates = torch.cat([positive[:, None], negatives], 1)
+        real = positive != 0
+        satisfied = batch["target_ratings"][:, 0] >= cfg.satisfied_rating
+        answered = real & revealed(batch["user"], positive, cfg.satisfaction_reveal, self.rec.sid.seed)
         labels = torch.zeros(rows, 1 + cfg.negatives, len(cfg.objectives), device=device)
+        weight = real.float()[:, None, None].expand_as(labels).clone()
         for o, name in enumerate(cfg.objectives):
             if name == "engagement":
                 labels[:, 0, o] = 1.0
-            else:  # like
+            elif name == "like":
                 labels[:, 0, o] = (batch["target_ratings"][:, 0] >= cfg.like_rating).float()
-        return {**batch, "candidates": candidates, "labels": labels,
-                "candidate_valid": (positive != 0).float()[:, None]}
+            else:  # satisfaction: an answer about the exposure itself; sampled items were never asked
+                labels[:, 0, o] = satisfied.float()
+                weight[:, :, o] = 0.0
+                weight[:, 0, o] = answered.float()
+        return {**batch, "candidates": candidates, "labels": labels, "label_weight": weight,
+                "satisfied": satisfied, "answered": answered}
 
     def units(self, batch: dict) -> torch.Tensor:
-        cfg = self.cfg.model
-        return (batch["targets"][:, 0] != 0).sum() * (1 + cfg.negatives) * len(cfg.objectives)
+        return self.with_inputs(batch)["label_weight"].sum()
 
     def fake_batch(self, rows: int, cp: int = 1) -> dict:
         batch = super().fake_batch(rows, cp)
@@ -79,28 +89,39 @@ class RankerTask(SASRecTask):
     def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         sums = super().eval_sums(model, batch)
         cfg, inputs = self.cfg.model, self.with_inputs(batch)
-        real = inputs["candidate_valid"][:, 0]
+        real = inputs["labels"].new_tensor(inputs["targets"][:, 0] != 0)
         with torch.no_grad():
             logits = model.scores(inputs["ctx_items"], inputs["ctx_ratings"], inputs["candidates"])
+        ratings = inputs["target_ratings"][:, 0]
         for o, name in enumerate(cfg.objectives):
             own = logits[..., o]
             if name == "engagement":
                 pos, neg = own[:, :1], own[:, 1:]
                 auc = ((pos > neg).float() + 0.5 * (pos == neg).float()).mean(1)
                 sums["auc_engagement"] = (auc * real).sum().cpu()
-            else:  # like, judged on the logged items only: does it rank the liked above the others?
-                liked = inputs["labels"][:, 0, o].bool() & real.bool()
-                other = ~inputs["labels"][:, 0, o].bool() & real.bool()
-                pos, neg = own[liked, 0][:, None], own[other, 0][None, :]
-                sums["like_pairs_won"] = ((pos > neg).float() + 0.5 * (pos == neg).float()).sum().cpu()
-                sums["like_pairs"] = torch.tensor(float(pos.numel() * neg.numel()))
-                sums["like_rate"] = liked.float().sum().cpu()
+            else:  # judged on the logged items, every rating known: liked / satisfied above the others?
+                good = ratings >= (cfg.like_rating if name == "like" else cfg.satisfied_rating)
+                sums.update(pair_sums(name, own[:, 0], good & real.bool(), ~good & real.bool()))
+                sums[f"{name}_rate"] = (good & real.bool()).float().sum().cpu()
+        if "satisfaction" in cfg.objectives:  # does the main ranking output order satisfied items first?
+            main = logits[:, 0, cfg.objectives.index(cfg.rank_by)]
+            good = ratings >= cfg.satisfied_rating
+            sums.update(pair_sums("main_satisfaction", main, good & real.bool(), ~good & real.bool()))
         return sums
 
     def eval_metrics(self, sums: dict[str, float]) -> dict:
         out = super().eval_metrics(sums)
         users = max(sums["users"], 1)
-        out.update({f"eval_{k}": sums[k] / users for k in ("auc_engagement", "like_rate") if k in sums})
-        if sums.get("like_pairs"):
-            out["eval_auc_like"] = sums["like_pairs_won"] / sums["like_pairs"]
+        out.update({f"eval_{k}": sums[k] / users for k in ("auc_engagement", "like_rate", "satisfaction_rate")
+                    if k in sums})
+        for name in ("like", "satisfaction", "main_satisfaction"):
+            if sums.get(f"{name}_pairs"):
+                out[f"eval_auc_{name}"] = sums[f"{name}_pairs_won"] / sums[f"{name}_pairs"]
         return out
+
+
+def pair_sums(name: str, scores: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Over pairs (a good row, a bad row) of one batch: how many the scores order right (ties half)."""
+    pos, neg = scores[good][:, None], scores[bad][None, :]
+    return {f"{name}_pairs_won": ((pos > neg).float() + 0.5 * (pos == neg).float()).sum().cpu(),
+            f"{name}_pairs": torch.tensor(float(pos.numel() * neg.numel()))}
