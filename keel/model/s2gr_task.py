@@ -17,7 +17,9 @@ from keel.model.semantic_ids import SidTable, kmeans
 
 def coarse_clusters(codebook: np.ndarray, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(centres [K_c, d], cluster of each code [K]) of one level's code vectors [K, d]."""
-    km = kmeans(np.ascontiguousarray(codebook, dtype=np.float32), n_clusters, iters=25, seed=seed)
+    # A few dozen code vectors into a handful of centres is meant to be small: no thin-data warning.
+    km = kmeans(np.ascontiguousarray(codebook, dtype=np.float32), n_clusters, iters=25, seed=seed,
+                min_points_per_centroid=1)
     return km.centroids.astype(np.float32), km.index.search(np.ascontiguousarray(codebook, np.float32), 1)[1][:, 0]
 
 

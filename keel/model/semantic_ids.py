@@ -100,11 +100,13 @@ def _faiss():
     return faiss
 
 
-def kmeans(x: np.ndarray, k: int, iters: int, seed: int):
+def kmeans(x: np.ndarray, k: int, iters: int, seed: int, min_points_per_centroid: int = 39):
     """Seeded faiss k-means on x; its index answers nearest-centroid queries without an [n, k]
-    distance matrix (3 x 8192 over a million items would not fit)."""
+    distance matrix (3 x 8192 over a million items would not fit). Below min_points_per_centroid
+    points per centroid faiss warns (on stderr) that the clustering is thin."""
     faiss = _faiss()
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False)
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False,
+                      min_points_per_centroid=min_points_per_centroid)
     km.train(x)
     return km
 
