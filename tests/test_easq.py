@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import keel
-from conftest import REPO, keel_refusal, read_metrics, run_keel
+from conftest import REPO, keel_refusal, read_metrics
 from keel.data.recsys import build_rec_data
 from keel.model.easq import EasqConfig, dpo_pair_losses, revealed
 from keel.model.lora import lora_modules
 from keel.model.ranker import Ranker, RankerConfig
-from keel.model.registry import get_model_spec
+from test_rec_ranker import bounded_run, prepared_task
 
 EASQ = str(REPO / "recipes/recsys/easq-tiny.yaml")
 STEPS = 20
@@ -75,13 +75,6 @@ def test_pathway_starts_as_a_no_op_and_dpo_trains_it():
     assert shared < 1e-5 * largest, (shared, largest)
 
 
-def prepared_task(recipe, overrides=()):
-    cfg = keel.load_recipe(recipe, list(overrides))
-    task = get_model_spec(cfg.model.name).task(cfg)
-    task.prepare()
-    return cfg, task
-
-
 def test_satisfaction_counts_only_on_answered_logged_items():
     cfg, task = prepared_task(EASQ)
     data = build_rec_data(task.rec, global_batch=512, micro_batch=512, dp_rank=0, dp_size=1, seed=0)
@@ -98,10 +91,7 @@ def test_satisfaction_counts_only_on_answered_logged_items():
 
 @pytest.fixture(scope="module")
 def easq_run(module_tmp):
-    out = module_tmp / "easq"
-    run_keel(["train", EASQ, f"run.out_dir={out}", f"train.steps={STEPS}", f"train.eval_every={STEPS}",
-              "train.log_every=2", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false"], timeout=900)
-    return out
+    return bounded_run(EASQ, module_tmp / "easq", STEPS, STEPS, log_every=2)
 
 
 def test_easq_run_metrics_recount(easq_run):

@@ -25,13 +25,18 @@ def prepared_task(recipe, overrides=()):
     return cfg, task
 
 
+def bounded_run(recipe, out, steps: int, eval_every: int, log_every: int = 1):
+    """`keel train` of a shipped recipe for a few steps, with evals, no checkpoints, offline."""
+    run_keel(["train", recipe, f"run.out_dir={out}", f"train.steps={steps}", f"train.eval_every={eval_every}",
+              f"train.log_every={log_every}", "checkpoint.every=0", "logging.wandb=disabled",
+              "logging.progress=false"], timeout=900)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ranker(module_tmp):
     """A bounded run of the shipped ranker recipe (evals at half way and at the end)."""
-    out = module_tmp / "ranker"
-    run_keel(["train", RANKER, f"run.out_dir={out}", f"train.steps={STEPS}", f"train.eval_every={STEPS // 2}",
-              "train.log_every=1", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false"], timeout=900)
-    return out
+    return bounded_run(RANKER, module_tmp / "ranker", STEPS, STEPS // 2)
 
 
 def test_candidates_and_labels_follow_the_log():
