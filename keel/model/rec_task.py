@@ -25,6 +25,7 @@ from keel.data.recsys import build_rec_data, load_split, resolve_dataset
 from keel.errors import ConfigError
 from keel.model.item_embeddings import ItemSource, item_embeddings
 from keel.model.rec_eval import mask_history, ranking_metrics, target_ranks
+from keel.model.rq_vae import rq_vae
 from keel.model.semantic_ids import SidTable, rq_kmeans
 from keel.model.sid_beam import SidTrie, beam_search, score_all_items
 from keel.model.task import TrainingTask
@@ -58,7 +59,6 @@ def _rq_kmeans(embeddings, sid: SidConfig, histories, item_ids) -> SidTable:
 
 def _rq_vae(coba: bool):
     def build(embeddings, sid: SidConfig, histories, item_ids) -> SidTable:
-        from keel.model.rq_vae import rq_vae  # trains a model: imported only when a table is built
         return rq_vae(embeddings, sid.levels, sid.codebook, sid.vae, coba=coba, histories=histories,
                       iters=sid.kmeans_iters, seed=sid.seed, dedup=sid.dedup, item_ids=item_ids)
     return build
