@@ -86,7 +86,9 @@ def test_satisfaction_counts_only_on_answered_logged_items():
     assert torch.equal(inputs["labels"][:, 0, sat].bool(), batch["target_ratings"][:, 0] >= cfg.model.satisfied_rating)
     assert 0 < answered.sum() < 0.06 * len(answered)
     n_other = (batch["targets"][:, 0] != 0).sum() * (1 + cfg.model.negatives)
-    assert task.units(batch) == n_other + answered.sum()
+    assert task.units(batch) == n_other + answered.sum() == inputs["label_weight"].sum()
+    cfg.model.satisfaction_seed = 1  # the questionnaire's own seed key
+    assert not torch.equal(task.answered(batch), answered)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ class RankerConfig:
     rank_by: str = "engagement"  # the objective `keel recommend` and HR/NDCG rank every item by
     satisfied_rating: int = 4  # `satisfaction` (a questionnaire answer's stand-in) = the logged item rated >= this
     satisfaction_reveal: float = 0.02  # share of training exposures whose satisfaction is known (a seeded hash of user and item)
+    satisfaction_seed: int = 0  # seed of that hash: which exposures the simulated questionnaire reaches
     easq: Optional[EasqConfig] = None  # EASQ: a LoRA pathway + online DPO on satisfaction pairs (keel/model/easq.py); null: off
     norm_eps: float = 1e-5
     init_std: float = 0.02

@@ -63,7 +63,7 @@ class RankerTask(SASRecTask):
         candidates = torch.cat([positive[:, None], negatives], 1)
         real = positive != 0
         satisfied = batch["target_ratings"][:, 0] >= cfg.satisfied_rating
-        answered = real & revealed(batch["user"], positive, cfg.satisfaction_reveal, self.rec.sid.seed)
+        answered = self.answered(batch)
         labels = torch.zeros(rows, 1 + cfg.negatives, len(cfg.objectives), device=device)
         weight = real.float()[:, None, None].expand_as(labels).clone()
         for o, name in enumerate(cfg.objectives):
@@ -78,8 +78,19 @@ class RankerTask(SASRecTask):
         return {**batch, "candidates": candidates, "labels": labels, "label_weight": weight,
                 "satisfied": satisfied, "answered": answered}
 
+    def answered(self, batch: dict) -> torch.Tensor:
+        """[B] bool: the logged exposures the simulated questionnaire has an answer for."""
+        positive, cfg = batch["targets"][:, 0], self.cfg.model
+        return (positive != 0) & revealed(batch["user"], positive, cfg.satisfaction_reveal, cfg.satisfaction_seed)
+
     def units(self, batch: dict) -> torch.Tensor:
-        return self.with_inputs(batch)["label_weight"].sum()
+        """label_weight's sum (with_inputs), counted without drawing the negatives: every candidate of
+        a real row for each objective but satisfaction, which counts the answered rows."""
+        cfg = self.cfg.model
+        real = (batch["targets"][:, 0] != 0).sum()
+        others = len([o for o in cfg.objectives if o != "satisfaction"])
+        answered = self.answered(batch).sum() if "satisfaction" in cfg.objectives else 0
+        return (real * (1 + cfg.negatives) * others + answered).float()
 
     def fake_batch(self, rows: int, cp: int = 1) -> dict:
         batch = super().fake_batch(rows, cp)
