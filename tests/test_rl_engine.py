@@ -1,6 +1,10 @@
 """Rollout engines: the native engine against full-sequence forwards and keel's plain generate;
-slot refill, weight updates, and the vLLM adapter (run where vLLM is installed)."""
+slot refill, weight updates; the vLLM adapter's calls against a fake vLLM, and against a live one
+where vLLM is installed (KEEL_TEST_VLLM=1)."""
+import dataclasses
+import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +63,27 @@ def test_samples_of_a_prompt_share_one_prefill():
     engine = NativeEngine(model, max_batch=3)
     rollouts = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=1.0, stop_ids=(5,), n=4, seed=1))
     assert engine.prefills == 5
+    for r in rollouts:
+        ref = _teacher_forced_logprobs(model, prompts[r.prompt_index], r.tokens)
+        torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_prefills_build_no_attention_mask(monkeypatch):
+    """Prompts of mixed lengths are prefilled in unpadded side batches (one per length), so no dense
+    [L, L] mask is ever built for a prefill: SDPA runs its plain causal kernel (a long prompt's mask
+    would not fit). Decode steps (one query) still mask the cache's invalid slots."""
+    from keel.model.attention import AttentionMask
+
+    built = []
+    original = AttentionMask._build_dense
+    monkeypatch.setattr(AttentionMask, "_build_dense",
+                        lambda self, q_len, k_len, device: built.append(q_len) or original(self, q_len, k_len, device))
+    model = _tiny_model(2)
+    prompts = _prompts(6, seed=3)
+    assert len({len(p) for p in prompts if len(p) > 2}) > 2  # several head lengths share no batch
+    rollouts = NativeEngine(model, max_batch=4).generate(prompts, SamplingParams(max_tokens=6, temperature=1.0,
+                                                                                 n=2, seed=0))
+    assert built and max(built) == 1  # only decode steps built masks
     for r in rollouts:
         ref = _teacher_forced_logprobs(model, prompts[r.prompt_index], r.tokens)
         torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=1e-4, rtol=1e-4)
@@ -155,44 +180,195 @@ def test_cpu_decode_threads_are_set_for_the_decode_only():
 
 
 def test_missing_vllm_names_the_extra():
-    try:
-        import vllm  # noqa: F401
+    if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    except ImportError:
-        pass
     from keel.errors import MissingExtraError
     with pytest.raises(MissingExtraError, match=r"pip install keel\[rl\]"):
         ENGINES["vllm"](_tiny_model(), None)
 
 
-@pytest.mark.skipif(os.environ.get("KEEL_TEST_VLLM") != "1", reason="set KEEL_TEST_VLLM=1 where vLLM is installed")
-def test_vllm_engine_matches_native_on_smollm2():
-    """A live vLLM (CPU or GPU) against the native engine on the real SmolLM2: greedy tokens and
-    logprobs agree, and pushed weights change vLLM's output exactly as they change the native one."""
+class _FakeLLM:
+    """Stands in for vllm.LLM: records each call the adapter makes, answers generate with one token."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        if isinstance(method, str):  # reload_weights: the names its lazy iterator yields
+            self.calls.append((method, [name for name, _ in kwargs["weights_iterator"]]))
+        else:  # a bucket session's step, run on each worker: its function and the bucket's names
+            self.calls.append((method.__name__, [(name, t.device.type) for name, t in args[0]] if args else None))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append(("generate", len(prompts)))
+        sample = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-0.25)}], finish_reason="length")
+        return [SimpleNamespace(outputs=[sample]) for _ in prompts]
+
+
+def _fake_vllm_engine(monkeypatch, **cfg):
+    import keel.rl.engines.vllm as adapter
+
+    fake = SimpleNamespace(LLM=_FakeLLM, SamplingParams=lambda **kw: kw)
+    monkeypatch.setattr(adapter, "import_vllm", lambda: fake)
+    cfg = SimpleNamespace(**{**dict(sleep=True, dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.3,
+                                    enforce_eager=True, bucket_mb=1), **cfg})
+    engine = adapter.VLLMEngine("unused", cfg, max_model_len=64)
+    engine.hf_adapter = SimpleNamespace(tensor_split=None, tensor_name=lambda name: "model." + name)
+    engine.sleeps = True  # as on a GPU (this CPU has none, so the engine turned sleep off)
+    return engine
+
+
+def test_vllm_sleep_and_wake_calls_over_two_training_steps(monkeypatch):
+    """The vLLM adapter against a fake vLLM: level-2 sleep once the rollouts are in; the update wakes
+    the weights only and stays awake; the step's first generate wakes the KV cache, the second
+    wakes nothing; generate between sleep and update refuses (its weights are gone)."""
+    engine = _fake_vllm_engine(monkeypatch)
+    assert engine.llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert engine.llm.kwargs["enable_sleep_mode"] is False  # no GPU here: vLLM would refuse it
+    weights = [("w1", torch.ones(2)), ("w2", torch.zeros(3))]
+    prompts, params = [[1, 2], [3]], SamplingParams(max_tokens=4, temperature=0.7, top_k=20)
+    reload = ("reload_weights", ["model.w1", "model.w2"])
+    engine.sleep()  # step 0's rollouts are in: train
+    assert engine.llm.calls == [("sleep", 2)]
+    for step in (1, 2):
+        engine.llm.calls.clear()
+        with pytest.raises(RuntimeError, match="needs update_weights"):
+            engine.generate(prompts, params)
+        engine.update_weights(weights, version=step)
+        first = engine.generate(prompts, params)
+        engine.generate(prompts, params)
+        engine.sleep()
+        engine.sleep()  # already asleep: nothing more
+        assert engine.llm.calls == [("wake_up", ["weights"]), reload, ("reset_prefix_cache",),
+                                    ("wake_up", ["kv_cache"]), ("generate", 2), ("generate", 2), ("sleep", 2)]
+        assert engine.version == step
+        assert [(r.tokens, r.logprobs, r.finish_reason, r.prompt_index) for r in first] == [([5], [-0.25], "length", 0),
+                                                                                          ([5], [-0.25], "length", 1)]
+    engine.llm.calls.clear()  # an update and no rollout before the next sleep: vLLM sleeps from fully awake
+    engine.update_weights(weights, version=3)
+    engine.sleep()
+    assert engine.llm.calls == [("wake_up", ["weights"]), reload, ("reset_prefix_cache",), ("wake_up", ["kv_cache"]),
+                                ("sleep", 2)]
+    engine.sleeps = False  # CPU: vLLM is never put to sleep, and the contract is the same
+    engine.update_weights(weights, version=4)
+    engine.llm.calls.clear()
+    engine.sleep()
+    assert engine.llm.calls == []
+    with pytest.raises(RuntimeError, match="needs update_weights"):
+        engine.generate(prompts, params)
+
+
+def test_vllm_multi_process_update_is_one_session_of_cpu_buckets(monkeypatch):
+    """tensor_parallel_size > 1: one update is one start / buckets / finish session on the workers,
+    every tensor in exactly one bucket of about rl.vllm.bucket_mb MiB, sent as CPU tensors."""
+    engine = _fake_vllm_engine(monkeypatch, tensor_parallel_size=2, bucket_mb=1)
+    weights = [(f"w{i}", torch.zeros(160_000)) for i in range(5)]  # 640 KB each: 2 fill a 1 MiB bucket
+    engine.update_weights(weights, version=1)
+    cpu = "cpu"
+    assert engine.llm.calls == [("_worker_start_update", None),
+                                ("_worker_load_bucket", [("model.w0", cpu), ("model.w1", cpu)]),
+                                ("_worker_load_bucket", [("model.w2", cpu), ("model.w3", cpu)]),
+                                ("_worker_load_bucket", [("model.w4", cpu)]),
+                                ("_worker_finish_update", None), ("reset_prefix_cache",)]
+
+
+@pytest.fixture(scope="module")
+def smollm2_engines():
+    """(fp32 SmolLM2 policy, tokenizer, live vLLM engine, native engine, prompts), once per module."""
+    if os.environ.get("KEEL_TEST_VLLM") != "1":
+        pytest.skip("set KEEL_TEST_VLLM=1 where vLLM is installed")
     from keel.rl.config import RLConfig
     from keel.rl.run import load_policy
 
     policy, tokenizer = load_policy("smollm2")
+    policy.eval()
     rl = RLConfig(max_prompt_tokens=64)
     rl.sampling.max_tokens = 12
     rl.vllm.dtype = "float32"
     rl.vllm.enforce_eager = True
     rl.vllm.gpu_memory_utilization = 0.3  # on CPU: the share of RAM vLLM reserves
-    vllm_engine = ENGINES["vllm"](policy, rl)
-    native = ENGINES["native"](policy, rl)
+    vllm_engine, native = ENGINES["vllm"](policy, rl), ENGINES["native"](policy, rl)
     prompts = [tokenizer.encode(t) for t in ("The capital of France is", "1 + 1 =", "Once upon a time")]
-    params = SamplingParams(max_tokens=12, temperature=0, stop_ids=(tokenizer.eos_id,))
-    for a, b in zip(vllm_engine.generate(prompts, params), native.generate(prompts, params)):
-        assert a.tokens == b.tokens
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=1e-3)
-    with torch.no_grad():  # a different policy: every MLP down-projection halved
-        for name, p in policy.named_parameters():
-            if name.endswith("feed_forward.w2.weight"):
-                p.mul_(0.5)
-    for engine in (vllm_engine, native):
-        engine.update_weights(policy.named_parameters(), version=1)
-    for a, b in zip(vllm_engine.generate(prompts, params), native.generate(prompts, params)):
-        assert a.tokens == b.tokens
+    return policy, tokenizer, vllm_engine, native, prompts
+
+
+def test_vllm_logprobs_are_those_of_the_processed_distribution(smollm2_engines):
+    """Seeded sampling at temperature 0.7 with top-k 20 (and 0.9 with top-p 0.8): each logprob vLLM
+    records is log p(token) under the distribution it was drawn from, recounted from a full fp32
+    forward of keel's model (processed_logits), not the raw model's."""
+    from keel.model.generation import processed_logits
+
+    policy, tokenizer, vllm_engine, _, prompts = smollm2_engines
+    raw_gap, stop = 0.0, (tokenizer.eos_id,)
+    for params in (SamplingParams(max_tokens=12, temperature=0.7, top_k=20, n=2, seed=3, stop_ids=stop),
+                   SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, n=2, seed=4, stop_ids=stop)):
+        rollouts = vllm_engine.generate(prompts, params)
+        assert [r.prompt_index for r in rollouts] == [0, 0, 1, 1, 2, 2]
+        for r in rollouts:
+            prompt, tokens = prompts[r.prompt_index], torch.tensor(r.tokens)
+            with torch.no_grad():
+                logits = policy(torch.tensor([prompt + r.tokens]))[0, len(prompt) - 1:-1].float()
+            logp = processed_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)
+            expected = logp.gather(-1, tokens[:, None]).squeeze(-1)
+            assert torch.isfinite(expected).all()  # never a token outside the top-k / nucleus
+            torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=2e-3, rtol=0)
+            raw = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+            raw_gap = max(raw_gap, float((raw - expected).abs().max()))
+    assert raw_gap > 0.1  # the raw model's logprobs would not have passed
+
+
+def test_vllm_engine_matches_native_on_smollm2_across_sleeps_and_updates(smollm2_engines):
+    """Greedy tokens and logprobs equal the native engine's at the start and after each of two
+    updates with different weights, each step going through sleep and wake (on CPU vLLM's engine
+    pauses and resumes its scheduler by the tags; its CPU worker frees nothing); generate between
+    sleep and update refuses. Then one more update through the multi-process path's bucket session,
+    run in-process with 1 MiB buckets (which split layers): still the native engine's tokens."""
+    policy, tokenizer, vllm_engine, native, prompts = smollm2_engines
+    original = {k: v.clone() for k, v in policy.state_dict().items()}
+    greedy = SamplingParams(max_tokens=12, temperature=0, stop_ids=(tokenizer.eos_id,))
+    vllm_engine.sleeps = True  # the GPU call sequence, whatever this machine is
+
+    def same_as_native():
+        ours = vllm_engine.generate(prompts, greedy)
+        for a, b in zip(ours, native.generate(prompts, greedy)):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=1e-3)
+        assert [r.tokens for r in vllm_engine.generate(prompts, greedy)] == [r.tokens for r in ours]  # awake still
+        return [r.tokens for r in ours]
+
+    def push(version):
+        vllm_engine.sleep()
+        with pytest.raises(RuntimeError, match="needs update_weights"):
+            vllm_engine.generate(prompts, greedy)
+        for engine in (vllm_engine, native):
+            engine.update_weights(policy.named_parameters(), version=version)
+
+    seen = [same_as_native()]
+    with torch.no_grad():
+        for version, (suffix, scale) in enumerate((("feed_forward.w2.weight", 0.5), ("attention.wo.weight", 0.7)), 1):
+            for name, p in policy.named_parameters():
+                if name.endswith(suffix):
+                    p.mul_(scale)
+            push(version)
+            seen.append(same_as_native())
+            assert seen[-1] != seen[-2]  # the new weights are in use
+        policy.load_state_dict(original)
+    cfg = vllm_engine.cfg
+    vllm_engine.cfg = dataclasses.replace(cfg, tensor_parallel_size=2, bucket_mb=1)  # the vLLM built stays tp 1
+    try:
+        push(3)
+    finally:
+        vllm_engine.cfg = cfg
+    assert same_as_native() == seen[0]
 
 
 def test_recorded_logprobs_are_those_of_the_truncated_sampling_distribution():

@@ -56,6 +56,11 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
         valid = self.valid[:, :end]
+        if self.length == 0 and seq > 1 and bool(valid.all()):
+            # A prefill of unpadded rows into an empty cache is plain causal attention: no mask is
+            # built, so SDPA takes its causal kernel (a dense [L, L] mask of a 128k-token prompt
+            # alone would be 16 GiB). One host sync per prefill, none per decoded token.
+            return torch.arange(seq, device=valid.device).expand(valid.shape[0], seq), AttentionMask(causal=True)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, self.length:end]
         return positions, AttentionMask(causal=True, q_offset=self.length, key_valid=valid)
 

@@ -110,6 +110,7 @@ class OPDTrainer(RLRun):
         first = stream.position
         batch, engine_logps, rollouts, rollout_s = self._sample(stream.take(rl.prompts_per_step), branch, first,
                                                                 STREAMS[branch])
+        self.engine.sleep()  # frees a colocated engine's memory for training (the update wakes it)
         with torch.no_grad(), self.autocast():  # teachers score in the precision the student trains in
             teacher_logps, _ = teacher_scores(self.teachers, batch, micro_batch=rl.micro_batch,
                                               every_teacher=self.ranks.sharded)

@@ -42,3 +42,7 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def sleep(self) -> None:
+        """Free the engine's memory while the trainer trains; the trainer calls it once its rollouts
+        are collected; the next call is update_weights (an engine may drop its weights here)."""

@@ -6,7 +6,8 @@ longest sequence; when no prompt waits, finished slots leave the batch and it sh
 
 How a slot is refilled inside one shared KV cache (keel/model/generation.py): the cache has one
 write position for all rows, and each row's real tokens are marked in `cache.valid`. A new
-prompt's first p-1 tokens are prefilled in a small side batch, and their keys/values (already
+prompt's first p-1 tokens are prefilled in a small side batch of prompts of the same length (no
+padding, so attention is plain causal with no mask built), and their keys/values (already
 rotated for positions 0..p-2) are copied into the row just before the write position, with the
 row's older entries marked invalid; its last prompt token is then fed by the next decode step.
 A prompt is prefilled once for all its n samples: its keys/values are kept until its last sample
@@ -97,6 +98,10 @@ class NativeEngine:
         if missing:
             raise KeyError(f"native engine: update_weights did not send {missing[:3]} ({len(missing)} missing)")
         self.version = version
+
+    def sleep(self) -> None:
+        """A no-op: update_weights copies into the engine's weights in place, so they stay allocated,
+        and its KV cache exists only inside generate."""
 
     # ------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
@@ -214,9 +219,17 @@ class NativeEngine:
             inputs[row] = prompt[-1]
 
     def _prefill(self, new: dict, n_samples: int, prefilled: dict) -> None:
-        """One side batch over the heads (all tokens but the last) of `new` prompts (index -> ids)."""
-        if not new:
-            return
+        """Prefill the heads (all tokens but the last) of `new` prompts (index -> ids): one side batch
+        per head length, so no row is padded and attention runs plain causal, without a mask (the
+        fast SDPA path; a long prompt's dense mask would not even fit)."""
+        by_length: dict = {}
+        for i, ids in new.items():
+            by_length.setdefault(len(ids) - 1, {})[i] = ids
+        for same_length in by_length.values():
+            self._prefill_batch(same_length, n_samples, prefilled)
+
+    def _prefill_batch(self, new: dict, n_samples: int, prefilled: dict) -> None:
+        """One side batch over the heads of `new` prompts (index -> ids)."""
         prompt_indices = list(new)
         heads = [new[i][:-1] for i in prompt_indices]
         width = max(len(h) for h in heads)
