@@ -186,11 +186,17 @@ def test_overlong_prompts_are_filtered_before_templating_or_cut_when_asked(tmp_p
 
 # ------------------------------------------------------------------ many ranks (FSDP2, gloo)
 
-def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy):
+@pytest.mark.parametrize("layout_name", ["fsdp2", "fsdp2_one_step_off_policy", "tp2"])
+def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy, layout_name):
     """GRPO under torchrun with FSDP2 over 2 ranks (each generating its share of the prompts, each
     training on its share of every mini-batch in packed token-budget micro-batches) logs the same
     rollouts, rewards, loss and grad norm as one process and ends on the same weights; its 2-step
-    run, continued on one process, goes on exactly as the one-process run did."""
+    run, continued on one process, goes on exactly as the one-process run did. With tp2 both ranks
+    hold every sequence and half of each block's weights. Off-policy (rollouts generated in a
+    thread, gathered over their own group beside FSDP's collectives) the 2-rank run does all 4
+    steps: its last step makes no rollouts ahead, so its 2-step run would not continue as the
+    4-step one."""
+    off_policy = layout_name.endswith("off_policy")
     _length_reward()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me of {w}.", "answer": "x"}) + "\n"
@@ -200,7 +206,8 @@ def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_
     # fp32 rounding of the summed gradients (a different order on 2 ranks) can move a sampled token
     # by the following step; over 20 tokens a draw sits far from its neighbours' boundaries.
     layout = {"rl.prompts_per_step": 3, "rl.group_size": 3, "rl.micro_batch": 2, "rl.engine_batch": 4,
-              "precision.dtype": "fp32", "rl.engine_dtype": "float32", "rl.sampling.top_k": 20}
+              "precision.dtype": "fp32", "rl.engine_dtype": "float32", "rl.sampling.top_k": 20,
+              "rl.one_step_off_policy": off_policy}
     _train(_tiny_overrides(tmp_path / "one", tiny_policy, prompts, **layout))
     tokenizer = keel.load_tokenizer(tiny_policy)
     max_length = 6 + max(len(tokenizer.encode(tokenizer.hf.apply_chat_template(
@@ -211,12 +218,15 @@ def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_
     # The 2-rank half also forms micro-batches by a token budget (about two sequences each, packed
     # into one row): the ranks then differ in micro-batch counts and the short one runs fillers.
     two = _tiny_overrides(tmp_path / "two", tiny_policy, prompts, **layout,
-                          **{"rl.steps": 2, "rl.micro_batch_tokens": 2 * max_length})
+                          **{"rl.steps": 4 if off_policy else 2, "rl.micro_batch_tokens": 2 * max_length})
+    if layout_name == "tp2":
+        two += ["parallel.tp=2", "parallel.sequence_parallel=false"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(RECIPE), *two], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    _train(_tiny_overrides(tmp_path / "two", tiny_policy, prompts, **layout))  # resumes at step 2 on one process
+    if not off_policy:
+        _train(_tiny_overrides(tmp_path / "two", tiny_policy, prompts, **layout))  # resumes at step 2 on one process
     one, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two_rows] == [1, 2, 3, 4]
     for a, b in zip(one, two_rows):
@@ -229,7 +239,7 @@ def test_two_rank_fsdp_run_equals_one_process_and_resumes_on_one(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("parallel.tp=2", "parallel.tp: keel rl does not run tensor parallelism yet"),
+    ("parallel.tp=2", "parallel.sequence_parallel: keel rl runs tensor parallelism without sequence parallelism"),
     ("parallel.pp=2", "parallel.pp: keel rl does not run pipeline parallelism yet"),
     ("parallel.cp=2", "parallel.cp: keel rl does not run context parallelism yet"),
 ])
@@ -268,3 +278,54 @@ def test_preemption_signal_stops_on_a_checkpoint_and_marks_the_run(tmp_path, tin
     assert marker["signal"] == "SIGUSR1" and marker["step"] == step
     assert (tmp_path / "run" / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
     assert "checkpointing after this step" in err
+
+
+# ------------------------------------------------------------------ one-step off-policy rollouts
+
+def _collect_with(tmp_path, name, checkpoint, prompts, extra, position=None):
+    """The rollout metrics an on-policy trainer collects from `checkpoint`'s weights, at its prompt
+    position (or `position`)."""
+    from keel.rl.grpo import GRPOTrainer
+
+    extra = {**extra, "rl.one_step_off_policy": False, "checkpoint.resume": str(checkpoint)}
+    trainer = GRPOTrainer(keel.load_recipe(RECIPE, _tiny_overrides(tmp_path / name, checkpoint.parent.parent,
+                                                                   prompts, **extra)))
+    if position is not None:
+        trainer.prompts.position = position
+    return trainer.collect()[1]
+
+
+def test_one_step_off_policy_trains_on_the_last_weights_rollouts_and_resumes_exactly(tmp_path, tiny_policy):
+    """rl.one_step_off_policy: step k trains on rollouts made by the weights step k-1 started from
+    (recounted: an on-policy collect from step k-2's checkpoint gives the same rollouts, and one from
+    step k-1's does not); a resume from a mid-run checkpoint (which holds the ready rollouts)
+    continues exactly."""
+    with pytest.raises(ConfigError, match=r"rl.one_step_off_policy: .* set rl.is_cap > 0"):
+        keel.load_recipe(RECIPE, ["rl.one_step_off_policy=true", "rl.is_cap=0"])
+    _length_reward()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "answer": "x"}) + "\n"
+                               for w in ("the sea", "bread", "a king", "rain", "gold", "a horse", "wine", "salt",
+                                         "iron", "a ship", "snow", "fire", "a bell")))
+    off = {"rl.one_step_off_policy": True, "checkpoint.every": 1, "checkpoint.keep_last": 10,
+           "precision.dtype": "fp32", "rl.sampling.top_k": 20}
+    _train(_tiny_overrides(tmp_path / "full", tiny_policy, prompts, **off))
+    full = read_metrics(tmp_path / "full")
+    assert [r["rollout/policy_lag"] for r in full] == [0, 1, 1, 1]
+    # Step 3 trains on prompts 6..8 (3 per step, one step ahead), generated by the weights after step 1.
+    step_1, step_2 = (tmp_path / "full" / "checkpoints" / f"step_{k}" for k in (1, 2))
+    made_by_step_1 = _collect_with(tmp_path, "recount1", step_1, prompts, off)
+    made_by_step_2 = _collect_with(tmp_path, "recount2", step_2, prompts, off, position=6)
+    for key in ("reward/mean", "rollout/tokens", "rollout/logprob_mean"):
+        assert made_by_step_1[key] == full[2][key], key
+    assert made_by_step_2["rollout/logprob_mean"] != full[2]["rollout/logprob_mean"]  # the check can tell
+
+    _train(_tiny_overrides(tmp_path / "resumed", tiny_policy, prompts, **off, **{"checkpoint.resume": str(step_2)}))
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for key in ("reward/mean", "rollout/logprob_mean", "loss", "grad_norm", "is/weight_mean", "loss/kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    w_full, w_resumed = keel.load(tmp_path / "full").state_dict(), keel.load(tmp_path / "resumed").state_dict()
+    for name in w_full:
+        assert torch.equal(w_full[name], w_resumed[name]), name

@@ -92,6 +92,9 @@ class RLConfig:
     # > 0: micro-batches by a token budget instead, each packed into one row (document-masked, no
     # padding computed); a sequence longer than the budget goes alone. GRPO only.
     micro_batch_tokens: int = 0
+    # true: step t+1's rollouts are generated with the weights step t starts from, in a background
+    # thread while step t trains (one step stale; the IS weights correct it, so rl.is_cap > 0). GRPO.
+    one_step_off_policy: bool = False
 
 
 # ------------------------------------------------------------------ the trainer registry

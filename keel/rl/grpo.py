@@ -5,7 +5,9 @@ Each step: take prompts_per_step prompts -> G rollouts each from the engine -> r
 rounds] -> advantages (keel/rl/advantages.py) -> trainer recomputes log-probs (the "old" policy)
 -> truncated importance weights between trainer and rollout log-probs (keel/rl/losses.py) ->
 policy loss (+ KL to a frozen reference, - entropy bonus), token-mean over each mini-batch ->
-optimizer step(s) -> push the new weights to the engine (version = step).
+optimizer step(s) -> push the new weights to the engine (version = step). With
+rl.one_step_off_policy the next step's rollouts are generated while this step trains
+(keel/rl/rollout_ahead.py).
 
 Every random draw is a function of train.seed and the prompt: prompts come from a PromptStream and
 each prompt's samples are seeded from its place in that stream, so a resumed run repeats an
@@ -26,6 +28,7 @@ from keel.rl.advantages import compute_advantages
 from keel.rl.config import check_registries, loss_options, register_rl_trainer
 from keel.rl.engines import SamplingParams, build_engine
 from keel.rl.prompts import load_prompts
+from keel.rl.rollout_ahead import RolloutGroup, RolloutsAhead
 from keel.rl.rewards import get_reward
 from keel.rl.run import PromptStream, RLRun
 from keel.rl.scoring import logprobs_of, packed_logprobs_of
@@ -52,6 +55,12 @@ class GRPOTrainer(RLRun):
         if not rl.prompts:
             raise ConfigError("rl.prompts: required, a prompt source (e.g. {source: reasoning_gym, "
                               "name: basic_arithmetic, size: 512, seed: 0})")
+        if rl.one_step_off_policy and rl.is_cap <= 0:
+            raise ConfigError("rl.one_step_off_policy: the rollouts come from the previous step's weights, which "
+                              "only the importance weights correct for; set rl.is_cap > 0 (e.g. 2.0)")
+        if rl.one_step_off_policy and rl.engine != "native":
+            raise ConfigError(f"rl.one_step_off_policy: generates beside training with rl.engine: native only for "
+                              f"now (got {rl.engine})")
         check_registries(rl)
 
     @property
@@ -74,6 +83,7 @@ class GRPOTrainer(RLRun):
             self.reference = (self.load_model(rl.policy, trainable=False)[0] if self.ranks.sharded
                               else copy.deepcopy(self.policy).eval().requires_grad_(False))
         self.advantage_state: dict = {}
+        self.ahead = RolloutsAhead(self.collect) if rl.one_step_off_policy else None
 
     def _stop_ids(self) -> tuple:
         ids = [self.tokenizer.eos_id] if self.rl.sampling.stop_at_eos else []
@@ -117,12 +127,17 @@ class GRPOTrainer(RLRun):
         return ids[-self.rl.max_prompt_tokens:] if truncate else ids  # truncate_left cuts from the left
 
     def state_dict(self) -> dict:
-        return {"prompts": self.prompts.state_dict(), "advantage": self.advantage_state}
+        state = {"prompts": self.prompts.state_dict(), "advantage": self.advantage_state}
+        if self.ahead is not None:  # the next step's rollouts, made by weights no checkpoint holds
+            state["ahead"] = self.ahead.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.prompts.load_state_dict(state["prompts"])
             self.advantage_state = state.get("advantage", {})
+            if self.ahead is not None:
+                self.ahead.load_state_dict(state.get("ahead", {}), self.prompts.item_at)
 
     def after_resume(self) -> None:
         self.sync_weights()
@@ -147,10 +162,11 @@ class GRPOTrainer(RLRun):
                                     score=lambda rollouts: self._score(items, rollouts))
 
     def collect(self) -> tuple[list, dict]:
-        """Groups (item, prompt ids, rollouts, rewards) to train on, and rollout metrics."""
+        """RolloutGroups to train on, and rollout metrics (made with the engine's weights of now)."""
         rl, sampling = self.rl, self.rl.sampling
         kept, seen_rewards, seen_tasks, lengths = [], [], [], []
-        tokens, seconds, filtered = 0, 0.0, 0
+        tokens, seconds, filtered, logprob_sum = 0, 0.0, 0, 0.0
+        version = self.engine.version
         rounds = rl.max_gen_batches if rl.dynamic_sampling else 1
         for round_ in range(rounds):
             first = self.prompts.position
@@ -163,6 +179,7 @@ class GRPOTrainer(RLRun):
             seconds += round_seconds
             tokens += sum(len(r.tokens) for r in rollouts)
             lengths += [len(r.tokens) for r in rollouts]
+            logprob_sum += sum(sum(r.logprobs) for r in rollouts)
             seen_rewards += rewards
             seen_tasks += [items[r.prompt_index].task for r in rollouts]
             g = rl.group_size
@@ -171,7 +188,7 @@ class GRPOTrainer(RLRun):
                 if rl.dynamic_sampling and max(group_rewards) == min(group_rewards):
                     filtered += 1  # no signal: every advantage would be zero
                     continue
-                kept.append((item, prompt_ids[i], rollouts[i * g:(i + 1) * g], group_rewards))
+                kept.append(RolloutGroup(item, first + i, prompt_ids[i], rollouts[i * g:(i + 1) * g], group_rewards))
             if len(kept) >= rl.prompts_per_step:
                 break
         kept = kept[:rl.prompts_per_step]
@@ -180,7 +197,8 @@ class GRPOTrainer(RLRun):
                    "rollout/response_len_mean": sum(lengths) / len(lengths), "rollout/tokens": tokens,
                    "rollout/tokens_per_s": tokens / max(seconds, 1e-9), "rollout/time_s": seconds,
                    "rollout/gen_rounds": round_ + 1, "rollout/groups_kept": len(kept),
-                   "rollout/groups_filtered": filtered}
+                   "rollout/groups_filtered": filtered, "rollout/logprob_mean": logprob_sum / max(tokens, 1),
+                   "rollout/weights_version": version}
         by_task = defaultdict(list)
         for task, r in zip(seen_tasks, seen_rewards):
             by_task[task].append(r)
@@ -194,11 +212,11 @@ class GRPOTrainer(RLRun):
     def _batch(self, groups) -> dict:
         """Right-padded prompt+response sequences, their response mask and rollout log-probs."""
         seqs, rollout_lps, starts = [], [], []
-        for _, prompt_ids, rollouts, _ in groups:
-            for ro in rollouts:
-                seqs.append(prompt_ids + ro.tokens)
+        for group in groups:
+            for ro in group.rollouts:
+                seqs.append(group.prompt_ids + ro.tokens)
                 rollout_lps.append(ro.logprobs)
-                starts.append(len(prompt_ids))
+                starts.append(len(group.prompt_ids))
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.bool)
@@ -247,13 +265,23 @@ class GRPOTrainer(RLRun):
 
     def train_step(self) -> dict:
         rl = self.rl
-        groups, row = self.collect()
+        if self.ahead is None:
+            groups, row = self.collect()
+            self.engine.sleep()  # frees a colocated engine's memory for training (the update wakes it)
+        else:  # this step's rollouts were made while the last step trained; start the next step's now
+            t0 = time.perf_counter()
+            groups, row = self.ahead.take()
+            row["rollout/wait_s"] = time.perf_counter() - t0
+            if self.step + 1 < self.total_steps:
+                self.ahead.start()
+        # How many updates old the weights that made these rollouts are (0 on-policy, 1 off-policy).
+        row["rollout/policy_lag"] = self.step - row.pop("rollout/weights_version")
         if not groups:  # every group filtered: nothing to learn from this step
             row.update(self.optimizer_step())
             return row
-        rewards = torch.tensor([r for g in groups for r in g[3]])
+        rewards = torch.tensor([r for g in groups for r in g.rewards])
         group_ids = torch.arange(len(groups)).repeat_interleave(rl.group_size)
-        tasks = [g[0].task for g in groups for _ in range(rl.group_size)]
+        tasks = [g.item.task for g in groups for _ in range(rl.group_size)]
         adv = compute_advantages(rl.advantage, rewards, group_ids, tasks, rl.advantage_cfg, self.advantage_state)
         batch = self._batch(groups)
         adv = adv.to(self.device).float()
@@ -297,6 +325,10 @@ class GRPOTrainer(RLRun):
         row.update({"loss": self.ranks.all_sum([loss_sum])[0] / rl.mini_batches,
                     "policy/advantage_abs_mean": adv.abs().mean().item(), "train_tokens": batch["tokens"],
                     "train_time_s": train_s, "train_tokens_per_s": batch["tokens"] / max(train_s, 1e-9)})
+        if self.ahead is not None:  # the engine's weights may change only once the next rollouts are made
+            t0 = time.perf_counter()
+            self.ahead.finish()
+            row["rollout/wait_s"] += time.perf_counter() - t0
         self.step += 1  # the engine's weights carry the version of the step that made them
         row["rollout/weight_sync_s"] = self.sync_weights()
         self.step -= 1

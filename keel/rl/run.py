@@ -89,8 +89,11 @@ class PromptStream:
             self._epoch = epoch
         return self._order[offset]
 
+    def item_at(self, position: int):
+        return self.items[self._index(position)]
+
     def take(self, count: int) -> list:
-        out = [self.items[self._index(self.position + i)] for i in range(count)]
+        out = [self.item_at(self.position + i) for i in range(count)]
         self.position += count
         return out
 
@@ -230,8 +233,11 @@ class RLRun:
         for ro in mine:
             ro.prompt_index += share.start
         scores = score(mine) if score is not None else [None] * len(mine)
-        gathered = self.ranks.gather(list(zip(mine, scores)))
-        return [g[0] for g in gathered], [g[1] for g in gathered], self.ranks.all_max([seconds])[0]
+        # Over the rollout group: rollouts may be generated in a background thread while the main thread
+        # runs FSDP's collectives (rl.one_step_off_policy, keel/rl/rollout_ahead.py).
+        group = self.ranks.rollout_group
+        gathered = self.ranks.gather(list(zip(mine, scores)), group)
+        return [g[0] for g in gathered], [g[1] for g in gathered], self.ranks.all_max([seconds], group)[0]
 
     def load_model(self, spec: str, trainable: bool = True):
         """(model, tokenizer) of a policy-like spec: whole on one process, FSDP-sharded over ranks."""

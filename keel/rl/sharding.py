@@ -15,8 +15,11 @@ How a step is laid out over ranks (keel/rl/grpo.py):
              gathered one parameter at a time into it.
 
 The layout comes from the recipe's `parallel` section like `keel train`'s. RL takes FSDP2 /
-HSDP (`parallel.dp_shard`, `parallel.dp_replicate` with it); tensor, pipeline, context and expert
-parallelism, and DDP alone, are refused with one line each.
+HSDP (`parallel.dp_shard`, `parallel.dp_replicate` with it) and tensor parallelism (`parallel.tp`,
+without sequence parallelism: a rollout's length is whatever it is, not a multiple of tp). The tp
+ranks of a data-parallel group hold the same sequences: they generate the same rollouts (gathered
+once per data-parallel rank) and their metrics are summed over the data-parallel ranks only.
+Pipeline, context and expert parallelism, and DDP alone, are refused with one line each.
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ from keel.train.launch import DistInfo, init_distributed
 
 # parallel.<key> -> why RL refuses it for now (a value other than 1 is refused).
 _UNSUPPORTED = {
-    "tp": "tensor parallelism",
     "pp": "pipeline parallelism",
     "cp": "context parallelism",
     "ep": "expert parallelism",
@@ -55,6 +57,9 @@ class RLRanks:
     mesh: object  # DeviceMesh, or None on one process
     dp_rank: int
     dp_size: int
+    # A gloo group of every rank for gathering rollouts: its collectives may run in a background
+    # thread (rl.one_step_off_policy) beside the default group's, which FSDP uses. None on one process.
+    rollout_group: object = None
 
     @classmethod
     def start(cls, cfg) -> "RLRanks":
@@ -63,13 +68,17 @@ class RLRanks:
             if getattr(cfg.parallel, key) != 1:
                 raise ConfigError(f"parallel.{key}: keel rl does not run {what} yet; shard the policy over "
                                   f"the ranks with parallel.dp_shard (FSDP2)")
+        if cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel: keel rl runs tensor parallelism without sequence "
+                              "parallelism (rollouts have any length, not a multiple of parallel.tp); set it to false")
         dims = parallel.resolve_parallel_dims(cfg.parallel, info.world_size)
-        if dims.world_size > 1 and not parallel.uses_fsdp(dims):
+        if dims.dp > 1 and not parallel.uses_fsdp(dims):
             raise ConfigError("parallel.dp_replicate: keel rl shards its policy with FSDP2; use parallel.dp_shard "
                               "(alone, or with dp_replicate for HSDP)")
         mesh = parallel.build_mesh(dims, info.device.type)
         dp_rank, dp_size = parallel.dp_rank_and_size(mesh, dims)
-        return cls(info, dims, mesh, dp_rank, dp_size)
+        rollout_group = dist.new_group(backend="gloo") if info.world_size > 1 else None
+        return cls(info, dims, mesh, dp_rank, dp_size, rollout_group)
 
     @property
     def sharded(self) -> bool:
@@ -86,26 +95,32 @@ class RLRanks:
         start = rank * base + min(rank, extra)
         return range(start, start + base + (rank < extra))
 
-    def gather(self, mine: list) -> list:
-        """Every rank's list, concatenated in rank order (the shares of `share`), on every rank."""
+    def gather(self, mine: list, group=None) -> list:
+        """Every data-parallel rank's list, concatenated in dp-rank order (the shares of `share`), on
+        every rank. The tp ranks of a dp group hold equal lists: the first one's is taken."""
         if not self.sharded:
             return list(mine)
         everyone: list = [None] * self.dist.world_size
-        dist.all_gather_object(everyone, mine)
-        return [item for part in everyone for item in part]
+        dist.all_gather_object(everyone, (self.dp_rank, mine), group=group)
+        parts = dict(reversed(everyone))  # dp rank -> its list (the lowest global rank's wins)
+        return [item for dp_rank in range(self.dp_size) for item in parts[dp_rank]]
 
     def all_sum(self, values: list[float]) -> list[float]:
+        """Sums over the data-parallel ranks (tp ranks hold copies of their group's values)."""
         if not self.sharded or not values:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
-        dist.all_reduce(t)
+        for dim in ("dp_replicate", "dp_shard"):
+            if self.mesh[dim].size() > 1:
+                dist.all_reduce(t, group=self.mesh[dim].get_group())
         return t.tolist()
 
-    def all_max(self, values: list[float]) -> list[float]:
+    def all_max(self, values: list[float], group=None) -> list[float]:
         if not self.sharded or not values:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        device = "cpu" if group is not None else self.dist.device  # a given group is gloo (rollout_group)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return t.tolist()
 
     def sum_dict(self, values: dict) -> dict:
