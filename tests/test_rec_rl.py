@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import keel
-from conftest import REPO, keel_refusal, read_metrics, run_keel
+from conftest import REPO, assert_weights_agree_to_rounding, keel_refusal, read_metrics, run_keel
 from keel.data.recsys import load_split, train_samples
 from keel.rl.rec_rewards import UserView, combined_rewards, rec_reward_options
 
@@ -70,21 +70,57 @@ def test_format_reward_checks_k_random_items(split):
     assert torch.equal(got[checked], (items[checked] != 0).float())
 
 
-def test_rec_rl_resumes_exactly(trained, tmp_path):
+@pytest.fixture(scope="module")
+def straight(trained, module_tmp):
+    """4 RL steps on one process, straight through."""
+    run_keel(["rl", RECIPE, *small(trained, module_tmp / "straight")])
+    return module_tmp / "straight"
+
+
+def test_rec_rl_resumes_exactly(trained, straight, tmp_path):
     """2 steps, a stop, 2 more from the checkpoint: the same losses and weights as 4 straight."""
-    run_keel(["rl", RECIPE, *small(trained, tmp_path / "straight")])
     run_keel(["rl", RECIPE, *small(trained, tmp_path / "split", **{"rl.steps": 2, "checkpoint.every": 2})])
     out = run_keel(["rl", RECIPE, *small(trained, tmp_path / "split")]).stdout
     assert "resumed from" in out
-    straight = {r["step"]: r for r in read_metrics(tmp_path / "straight") if "loss" in r}
+    steps = {r["step"]: r for r in read_metrics(straight) if "loss" in r}
     resumed = {r["step"]: r for r in read_metrics(tmp_path / "split") if "loss" in r}
-    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
-    for step, row in straight.items():
+    assert sorted(resumed) == sorted(steps) == [1, 2, 3, 4]
+    for step, row in steps.items():
         assert resumed[step]["loss"] == row["loss"] and resumed[step]["reward/mean"] == row["reward/mean"]
-    a, b = keel.load(tmp_path / "straight").state_dict(), keel.load(tmp_path / "split").state_dict()
+    a, b = keel.load(straight).state_dict(), keel.load(tmp_path / "split").state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert any(not torch.equal(a[name], w) for name, w in keel.load(trained).state_dict().items())
+
+
+def test_two_rank_fsdp_rec_rl_equals_one_process_and_resumes_on_one(trained, straight, tmp_path):
+    """Under torchrun with FSDP2 over 2 ranks (each rolling out, scoring and training its half of
+    the users; rewards, the batch-wide advantage threshold and the RSFT cut on the gathered step), 2
+    steps and their evaluation log what one process logs; continued on one process for steps 3-4,
+    the run ends on the one-process weights."""
+    evals = {"rl.rec.eval_users": 72, "rl.micro_batch": 32}
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **evals, **{"rl.steps": 2, "checkpoint.every": 2})],
+             nproc=2)
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **evals)])
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "one", **evals, **{"rl.steps": 1})])
+    rows, reference = read_metrics(tmp_path / "two"), read_metrics(straight)
+    by_step = {r["step"]: r for r in reference if "loss" in r}
+    for row in (r for r in rows if "loss" in r):
+        want = by_step[row["step"]]
+        for key in ("reward/mean", "reward/known_fraction", "rollout/unique_items", "rollout/target_hit_rate",
+                    "rsft/kept_targets"):
+            assert row[key] == want[key], (row["step"], key)
+        for key in ("loss", "loss/rl", "loss/sft", "grad_norm", "ratio_mean"):
+            assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (row["step"], key)
+    # The sharded evaluation (72 validation users, 32 per forward: 3 batches over 2 ranks, so one
+    # rank repeats a batch it does not count) against one process's, on the starting policy.
+    sharded = next(r for r in rows if r["step"] == 0)
+    alone = next(r for r in read_metrics(tmp_path / "one") if r["step"] == 0)
+    keys = [k for k in alone if k.startswith("eval_")]
+    assert len(keys) >= 3
+    for key in keys:
+        assert sharded[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+    assert_weights_agree_to_rounding(keel.load(straight).state_dict(), keel.load(tmp_path / "two").state_dict())
 
 
 @pytest.mark.parametrize("override, message", [

@@ -18,7 +18,12 @@ impressions, in a seeded resumable order):
 
 The policy is a keel run of a generative recommender; the rollout model is the policy itself (on
 policy, one optimizer update per step), so pi_old is the policy's own probability at rollout time.
-One process: under torchrun the trainer refuses to start.
+
+Under torchrun (keel/rl/sharding.py) the policy is FSDP2-sharded and each data-parallel rank rolls
+out, scores and trains on its contiguous share of the step's users; the rollouts are gathered, so
+the rewards, the advantages (OneRec-V2's batch-wide top-quartile threshold included) and the RSFT
+cut are computed on the whole step exactly as on one process, and the loss is normalised by the
+whole step's counts. Beam rollouts only (sampled ones draw from one generator over the batch).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from keel.rl.advantages import compute_advantages
 from keel.rl.config import check_registries, loss_options, register_rl_trainer
 from keel.rl.rec_rewards import UserView, check_rec_rewards, combined_rewards, engagement_of, rec_reward_options
 from keel.rl.run import PromptStream, RLRun
+from keel.rl.sharding import build_sharded_policy
 
 
 @dataclass
@@ -97,6 +103,8 @@ def policy_recsys_section(policy: str) -> dict:
 
 @register_rl_trainer("rec", subsection=RecRLConfig)
 class RecRLTrainer(RLRun):
+    runs_sharded = True
+
     @classmethod
     def validate_config(cls, rl) -> None:
         build_rec_rl_config(rl.rec)
@@ -115,7 +123,10 @@ class RecRLTrainer(RLRun):
         super().__init__(cfg)
 
     def load_model(self, spec: str, trainable: bool = True):
-        model = load_model(spec, str(self.device))
+        if self.ranks.sharded:  # rollouts and scoring call forward() and code_logprobs()
+            model, _ = build_sharded_policy(spec, self.cfg, self.ranks, trainable, ("code_logprobs",), False)
+        else:
+            model = load_model(spec, str(self.device))
         if not hasattr(model, "code_logprobs"):
             raise ConfigError(f"rl.policy: {spec} is a {model.config.name!r} model; the rec trainer needs a "
                               f"generative recommender (onerec)")
@@ -130,6 +141,12 @@ class RecRLTrainer(RLRun):
         if self.rec.rollout == "beam" and self.rl.group_size > self.task.log.n_items:  # a beam holds distinct items
             raise ConfigError(f"rl.group_size: {self.rl.group_size} items per user, but the catalogue has "
                               f"{self.task.log.n_items}")
+        if self.ranks.sharded and self.rec.rollout != "beam":
+            raise ConfigError("rl.rec.rollout: sample draws from one generator over the whole batch, so it runs on "
+                              "one process only for now; use beam under torchrun")
+        if self.rl.prompts_per_step < self.ranks.dp_size:
+            raise ConfigError(f"rl.prompts_per_step: {self.rl.prompts_per_step} users for {self.ranks.dp_size} "
+                              f"data-parallel ranks; every rank needs at least one")
         self.samples = train_samples(self.task.split, self.task.rec)
         self.stream = PromptStream(list(range(len(self.samples))), self.cfg.train.seed)
 
@@ -173,27 +190,34 @@ class RecRLTrainer(RLRun):
         rows = [self.samples[i] for i in indices]
         return {k: v.to(self.device) for k, v in self.task.with_inputs(collate(rows)).items()}
 
-    def _rsft_targets(self, batch: dict, positions: np.ndarray) -> tuple[dict, int]:
-        """The batch with its lowest-engagement targets zeroed out: those below the batch's rl.rec.rsft_drop
+    def _rollouts_of(self, indices: list[int], generator: torch.Generator):
+        """(this rank's batch, its share of `indices`, items [P, G] and codes [P, G, L] of all of them):
+        each rank rolls out its share and the shares are gathered (on one process: all of them)."""
+        share = self.ranks.share(len(indices))
+        batch = self._batch([indices[i] for i in share])
+        items, codes = self.rollouts(batch, generator)
+        gathered = self.ranks.gather([(items, codes)])  # one (items, codes) per data-parallel rank
+        return batch, share, torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+
+    def _rsft_keep(self, indices: list[int], positions: np.ndarray) -> torch.Tensor:
+        """[P, K] bool: the step's targets RSFT trains on, all but those below the step's rl.rec.rsft_drop
         quantile of engagement (targets tied with the cut are kept, so with ratings a little more stays)."""
-        targets = batch["targets"].cpu()
+        targets = collate([self.samples[i] for i in indices])["targets"]
         k = targets.shape[1]
         pos = positions[:, None] + np.arange(k)[None, :]
         valid = targets.numpy() != 0
         engagement = engagement_of(self.task.split)[np.where(valid, pos, 0)]
         cut = np.quantile(engagement[valid], self.rec.rsft_drop) if self.rec.rsft_drop > 0 else -np.inf
-        keep = valid & (engagement >= cut)
-        kept = torch.where(torch.from_numpy(keep), targets, torch.zeros_like(targets)).to(self.device)
-        return {**batch, "targets": kept}, int(keep.sum())
+        return torch.from_numpy(valid & (engagement >= cut))
 
     def train_step(self) -> dict:
         first = self.stream.position
         indices = self.stream.take(self.rl.prompts_per_step)
         positions = self.samples.positions[indices]
         users = self.samples.user_of[positions]
-        batch = self._batch(indices)
         generator = torch.Generator().manual_seed(self.prompt_seed(first))
-        items, codes = self.rollouts(batch, generator)
+        batch, share, items, codes = self._rollouts_of(indices, generator)
+        mine = slice(share.start, share.stop)
         view = UserView(self.task.split, positions, users)
         rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
 
@@ -207,33 +231,49 @@ class RecRLTrainer(RLRun):
                                                    self.rl.advantage_cfg, state)
         self.policy.take_moe_aux_loss()  # the rollouts' forwards leave nothing to train on
         with self.autocast():
-            logp = self.policy.code_logprobs(batch, codes.to(self.device)).float()  # [B, G, L]
-        aux = self.policy.take_moe_aux_loss()  # per token of the rollouts' forward
-        mask = (items != 0)[..., None].expand_as(logp).to(self.device)
-        flat = lambda t: t.flatten(0, 1)  # noqa: E731  [B*G, L]
+            logp = self.policy.code_logprobs(batch, codes[mine].to(self.device)).float()  # [b, G, L], this rank's
+        # Per token of the rollouts' forward; over ranks, their mean (FSDP's gradient average is undone below).
+        aux = self.policy.take_moe_aux_loss() / self.ranks.dp_size
+        legal = (items != 0)[..., None].expand_as(codes)  # [P, G, L], the whole step's
+        # Normalised by the whole step's counts, so the shares' gradients sum to one process's.
+        scale = losses.LossScale(tokens=float(legal.sum()), sequences=float(items.numel()))
+        flat = lambda t: t.flatten(0, 1)  # noqa: E731  [b*G, L]
         rl_loss, loss_metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(logp.detach()),
-                                                   advantages.flatten().to(self.device), flat(mask),
-                                                   loss_options(self.rl), agg=self.rl.loss_agg)
-        loss, sft_metrics = self.rec.rl_weight * rl_loss + aux, {}
+                                                   advantages[mine].flatten().to(self.device),
+                                                   flat(legal[mine].to(self.device)), loss_options(self.rl),
+                                                   agg=self.rl.loss_agg, scale=scale)
+        loss, shares = self.rec.rl_weight * rl_loss + aux, {}
         if self.rec.sft_weight > 0:
-            sft_batch, kept = self._rsft_targets(batch, positions)
+            keep = self._rsft_keep(indices, positions)
+            kept = int(keep.sum())
+            sft_batch = {**batch, "targets": torch.where(keep[mine].to(self.device), batch["targets"], 0)}
             with self.autocast():
                 sft = self.policy(sft_batch).float() / max(kept, 1)
             loss = loss + self.rec.sft_weight * sft
-            sft_metrics = {"loss/sft": float(sft.detach()), "rsft/kept_targets": kept}
-        loss.backward()
+            shares["loss/sft"] = float(sft.detach())
+        (loss * self.ranks.dp_size).backward()  # FSDP averages gradients over the ranks: undo it
         row = self.optimizer_step()
-        row.update(loss_metrics)
-        row.update(sft_metrics)
+        row.update(self._step_metrics(loss_metrics, shares, float(loss.detach()), float(rl_loss.detach()),
+                                      len(share) / len(indices)))
+        if self.rec.sft_weight > 0:
+            row["rsft/kept_targets"] = kept
         row.update(state.get("metrics", {}))
         n = items.numel()
-        row.update({"loss": float(loss.detach()), "loss/rl": float(rl_loss.detach()),
-                    "reward/mean": float(rewards[known].mean()) if known.any() else float("nan"),
+        hits = float((items[mine] == batch["targets"][:, :1].cpu()).any(1).float().sum())  # this rank's users
+        row.update({"reward/mean": float(rewards[known].mean()) if known.any() else float("nan"),
                     "reward/known_fraction": float(known.float().mean()),
                     "rollout/legal_fraction": float((items != 0).float().mean()),
                     "rollout/unique_items": float(sum(len(set(r.tolist())) for r in items) / n),
-                    "rollout/target_hit_rate": float((items == batch["targets"][:, :1].cpu()).any(1).float().mean())})
+                    "rollout/target_hit_rate": self.ranks.all_sum([hits])[0] / len(indices)})
         return row
+
+    def _step_metrics(self, loss_metrics: dict, shares: dict, loss: float, rl_loss: float, fraction: float) -> dict:
+        """The step's metrics over the ranks: the loss terms (each rank's share of the whole step's
+        normalised loss) summed, per-item means weighted by each rank's share of the users."""
+        summed = {**{k: v for k, v in loss_metrics.items() if k.startswith("loss/")}, **shares,
+                  "loss": loss, "loss/rl": rl_loss}
+        means = {k: v * fraction for k, v in loss_metrics.items() if not k.startswith("loss/")}
+        return self.ranks.sum_dict({**summed, **means})
 
     # ------------------------------------------------------------ eval
     @torch.no_grad()
@@ -241,11 +281,18 @@ class RecRLTrainer(RLRun):
         model = self.policy.eval()
         try:
             sums: dict = {}
-            for batch in self._eval_batches(self.rec.eval_users or None):
+            batches = self._eval_batches(self.rec.eval_users or None)
+            # This rank's batches, every dp_size-th; each rank runs as many as the first (FSDP's
+            # gathers must line up), a short one repeating a batch it does not count.
+            mine = batches[self.ranks.dp_rank::self.ranks.dp_size]
+            most = len(batches[0::self.ranks.dp_size])
+            for i, batch in enumerate(mine + [batches[0]] * (most - len(mine))):
                 with self.autocast():
-                    for key, value in self.task.eval_sums(model, batch).items():
+                    values = self.task.eval_sums(model, batch)
+                if i < len(mine):
+                    for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
-            return {**self.task.eval_metrics(sums), **self._reward_eval()}
+            return {**self.task.eval_metrics(self.ranks.sum_dict(sums)), **self._reward_eval()}
         finally:
             model.train()
 
@@ -262,7 +309,7 @@ class RecRLTrainer(RLRun):
             indices = chosen[lo:lo + self.rl.prompts_per_step]
             positions = self.samples.positions[indices]
             generator = torch.Generator().manual_seed(self.prompt_seed(lo, stream=1))
-            items, codes = self.rollouts(self._batch(indices), generator)
+            _, _, items, codes = self._rollouts_of(indices, generator)
             view = UserView(self.task.split, positions, self.samples.user_of[positions])
             rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
             seen = ~torch.isnan(rewards)

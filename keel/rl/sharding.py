@@ -155,17 +155,20 @@ def is_keel_checkpoint(path: Path) -> bool:
     return (path / COMPLETE).is_file() or (path / "checkpoints").is_dir()
 
 
-def policy_source(spec: str):
-    """(model config, weights path, keel Tokenizer) of an `rl.policy` for a sharded load: an HF folder
-    (or `smollm2`) read slice by slice, or a keel run/checkpoint read by DCP."""
+def policy_source(spec: str, with_tokenizer: bool = True):
+    """(model config, weights path, keel Tokenizer or None) of an `rl.policy` for a sharded load: an HF
+    folder (or `smollm2`) read slice by slice, or a keel run/checkpoint read by DCP (a recommender's
+    has no tokenizer: `with_tokenizer=False`)."""
     path = Path(spec).expanduser()
     if spec != "smollm2" and path.exists() and is_keel_checkpoint(path):
         ckpt = resolve_checkpoint(path, "rl.policy")
+        model_cfg = checkpoint_model_config(ckpt)
+        model_cfg.init_from = None
+        if not with_tokenizer:
+            return model_cfg, ckpt, None
         folder = tokenizer_dir_of(ckpt)
         if folder is None:
             raise ConfigError(f"rl.policy: {path} has no tokenizer/ folder saved with it")
-        model_cfg = checkpoint_model_config(ckpt)
-        model_cfg.init_from = None
         return model_cfg, ckpt, Tokenizer.load(str(folder))
     from transformers import AutoConfig  # heavy: only for an HF policy
 
@@ -178,18 +181,21 @@ def policy_source(spec: str):
     return model_cfg, folder, Tokenizer.load(str(folder))
 
 
-def build_sharded_policy(spec: str, cfg, ranks: RLRanks, trainable: bool = True):
+def build_sharded_policy(spec: str, cfg, ranks: RLRanks, trainable: bool = True,
+                         forward_methods: tuple = ("hidden_states",), with_tokenizer: bool = True):
     """(model, tokenizer): the policy built on meta, sharded with keel/train's parallelize path (FSDP2,
     activation checkpointing as the recipe says), then each rank reads only its own shards.
     Parameters stay fp32 and all-gather in fp32 (the step runs under autocast, as on one process, so
     the numerics do not depend on the layout)."""
-    model_cfg, weights, tokenizer = policy_source(spec)
+    model_cfg, weights, tokenizer = policy_source(spec, with_tokenizer)
     model = build_model(model_cfg, "meta")
     model = parallel.parallelize(model, ranks.mesh, ranks.dims, cfg.parallel, get_model_spec(model_cfg.name).tp_plan)
-    # RL scores tokens through hidden_states() + the head weight (keel/rl/scoring.py), not forward():
-    # FSDP must gather the root's weights for that call too. The root keeps them gathered after it
-    # (reshard_after_forward=False), which is what lets the head weight be read right after.
-    register_fsdp_forward_method(model, "hidden_states")
+    # RL scores tokens through methods other than forward() (an LM: hidden_states() + the head
+    # weight, keel/rl/scoring.py; a recommender: code_logprobs()): FSDP must gather the root's weights
+    # for those calls too. The root keeps them gathered after it (reshard_after_forward=False), which
+    # is what lets the head weight be read right after.
+    for method in forward_methods:
+        register_fsdp_forward_method(model, method)
     init.materialize([model], ranks.dist.device)
     model.init_buffers()
     if is_hf_folder(weights):
