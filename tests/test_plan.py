@@ -148,3 +148,27 @@ def test_expert_parallel_weights_are_counted_like_fsdp_shards():
     assert fsdp["parameters"] == pytest.approx(n_params * 4 / 2, rel=0.05)
     for row in ("parameters", "gradients", "optimizer state"):
         assert ep[row] == pytest.approx(fsdp[row], rel=0.05), row
+
+
+ONEREC_RL = str(REPO / "recipes/recsys/onerec-v2-1b-rl-h100.yaml")
+
+
+def test_onerec_rl_cluster_recipe_lays_out_its_step(capsys):
+    """An RL recipe is planned as its trainer's step (keel/rl/plan.py): each of 8 ranks holds 32 of
+    the step's 256 users, their beams of 512 items scored with gradient and their RSFT loss. The
+    shipped recipe fits its node, its weights sharded as for training, and the traced activations
+    hold at least the beams' fp32 code logits (32 users x 512 items x every codebook's entries)."""
+    out = plan_table(capsys, ONEREC_RL, [], 8)
+    rows = table_gib(out)
+    assert "micro_batch 32 x" in out and "a beam of 512 items" in out and "fits" in out
+    cfg = keel.load_recipe(ONEREC_RL)
+    assert rows["parameters"] == pytest.approx(cfg.model.num_params() * 4 / 8 / GIB, rel=0.03)
+    beam_logits = 32 * 512 * sum(cfg.model.sid_levels) * 4 / GIB
+    assert rows["activations (peak)"] > beam_logits
+
+
+def test_an_rl_step_keel_plan_cannot_lay_out_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(REPO / "recipes/rl/grpo-tiny.yaml"), "--world", "1"])
+    assert exit_info.value.code == 2
+    assert "rl.trainer: keel plan lays out ['rec'] RL steps; 'grpo' is not planned yet" in capsys.readouterr().err

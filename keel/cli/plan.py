@@ -24,7 +24,12 @@ def cmd_plan(args) -> None:
 
     gpu_capacity(args.gpu)  # an unknown --gpu fails before the recipe is even read
     cfg = keel.load_recipe(args.recipe, args.overrides)
-    plan = plan_memory(cfg, args.world, args.gpu, recipe=args.recipe)
+    task = None
+    if cfg.rl is not None:  # an RL recipe: its trainer's step, one rank's share of the prompts
+        from keel.rl.plan import rl_step_plan
+
+        cfg, task = rl_step_plan(cfg, args.world)
+    plan = plan_memory(cfg, args.world, args.gpu, recipe=args.recipe, task=task)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
 
 

@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from keel.checkpoint.files import resolve_checkpoint
 from keel.checkpoint.model_io import checkpoint_recipe, load_model
@@ -47,6 +48,7 @@ from keel.rl import losses
 from keel.rl.advantages import compute_advantages
 from keel.rl.config import check_registries, loss_options, register_rl_trainer
 from keel.rl.rec_rewards import UserView, check_rec_rewards, combined_rewards, engagement_of, rec_reward_options
+from keel.rl.plan import register_step_plan
 from keel.rl.run import PromptStream, RLRun
 from keel.rl.sharding import build_sharded_policy
 
@@ -99,6 +101,32 @@ def policy_recsys_section(policy: str) -> dict:
     if not isinstance(raw.get("recsys"), dict):
         raise ConfigError(f"rl.policy: {policy} was not trained on a recsys: log (no recsys section in its config)")
     return raw["recsys"]
+
+
+@register_step_plan("rec")
+class RecRLStepPlan:
+    """One rank's rec-RL step for `keel plan`: its users' G beam items scored with gradient (the RL
+    term's graph: code_logprobs over users x G items) and the same users' RSFT next-item loss, in one
+    forward and backward as train_step runs them. The beam search runs without gradient and holds
+    less; a reward model's forward (rl.rec.rewards.reward_model) is not counted."""
+
+    def __init__(self, cfg):
+        self.task = get_model_spec(cfg.model.name).task(cfg)
+        self.group, self.levels = cfg.rl.group_size, len(cfg.model.sid_levels)
+
+    def fake_batch(self, rows: int, cp: int = 1) -> dict:
+        batch = self.task.fake_batch(rows, cp)
+        batch["beam_codes"] = torch.zeros(rows, self.group, self.levels, dtype=torch.long)
+        return batch
+
+    def loss_sum(self, model, batch: dict):
+        batch = dict(batch)
+        codes = batch.pop("beam_codes")
+        register_fsdp_forward_method(model, "code_logprobs")  # as the sharded trainer does (a no-op unsharded)
+        return model.code_logprobs(batch, codes).float().sum() + model(batch)
+
+    def sample_shape(self) -> str:
+        return f"({self.task.sample_shape()} + a beam of {self.group} items)"
 
 
 @register_rl_trainer("rec", subsection=RecRLConfig)

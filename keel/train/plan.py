@@ -89,8 +89,11 @@ def gpu_capacity(gpu: str) -> int | None:
     return None if size is None else size * GIB
 
 
-def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "") -> MemoryPlan:
+def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "", task=None) -> MemoryPlan:
+    """`task`: what one micro-batch runs (fake_batch, loss_sum, sample_shape); default the recipe's
+    model family's training task. An RL recipe passes its trainer's step (keel/rl/plan.py)."""
     capacity = gpu_capacity(gpu)
+    task = task or get_model_spec(cfg.model.name).task(cfg)
     if world < 1:
         raise ConfigError(f"--world: must be >= 1, got {world}")
     if cfg.parallel.engine != "torch":
@@ -107,7 +110,7 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "") -> Me
     if cfg.parallel.compile:
         trace_cfg.parallel.compile = False
         notes.append("parallel.compile: traced eagerly; compiled blocks usually need somewhat less")
-    traced = _trace_or_fall_back(trace_cfg, trace_dims, notes)
+    traced = _trace_or_fall_back(trace_cfg, trace_dims, notes, task=task)
     accumulation = cfg.train.global_batch // micro_total
     if _ddp_only(dims):
         traced["ddp_bucket_bytes"] = _sum(traced["after_step"], GRAD_KINDS)
@@ -120,7 +123,7 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "") -> Me
     layout = " ".join(f"{name}={getattr(dims, name)}" for name in parallel.MESH_DIMS)
     n_params = cfg.model.num_params() if hasattr(cfg.model, "num_params") else None
     summary = (f"{cfg.model.name}" + (f", {n_params / 1e9:.2f} B parameters" if n_params else "")
-               + f"; micro_batch {cfg.train.micro_batch} x {get_model_spec(cfg.model.name).task(cfg).sample_shape()}, "
+               + f"; micro_batch {cfg.train.micro_batch} x {task.sample_shape()}, "
                + f"{accumulation} micro-batch"
                + ("es" if accumulation > 1 else "") + f" per step; {cfg.precision.dtype}"
                + (f", fp8 {cfg.precision.fp8}" if cfg.precision.fp8 != "off" else "")
@@ -153,20 +156,20 @@ def _pipeline_stage(cfg, dims, notes: list):
     return trace_cfg, stage_dims, in_flight
 
 
-def _trace_or_fall_back(cfg, dims, notes: list, seq_split: int | None = None) -> dict:
+def _trace_or_fall_back(cfg, dims, notes: list, seq_split: int | None = None, task=None) -> dict:
     try:
-        return _trace_step(cfg, dims, seq_split)
+        return _trace_step(cfg, dims, seq_split, task)
     except Exception as err:  # what does not trace on fake tensors is estimated, and said so
         if dims.tp > 1 or dims.cp > 1:
-            return _trace_without_model_parallel(cfg, dims, err, notes)
+            return _trace_without_model_parallel(cfg, dims, err, notes, task)
         if cfg.precision.fp8 == "off":
             raise
         cfg.precision.fp8 = "off"  # FP8 tensor subclasses may not trace on fake tensors
         notes.append(f"precision.fp8: traced without FP8 ({type(err).__name__}); FP8 saves some activations")
-        return _trace_or_fall_back(cfg, dims, notes, seq_split)
+        return _trace_or_fall_back(cfg, dims, notes, seq_split, task)
 
 
-def _trace_without_model_parallel(cfg, dims, err: Exception, notes: list) -> dict:
+def _trace_without_model_parallel(cfg, dims, err: Exception, notes: list, task=None) -> dict:
     """Where TP or CP does not trace on fake tensors (FSDP over TP's DTensors asks for data-dependent
     shapes), trace FSDP alone over the same weight shards (dp_shard x cp) on this rank's sequence
     share, then divide what TP splits: the blocks' weights and, under sequence parallelism, roughly
@@ -175,7 +178,7 @@ def _trace_without_model_parallel(cfg, dims, err: Exception, notes: list) -> dic
                  f"{dims.dp_shard * dims.cp} shards traced on 1/{dims.cp} of the sequence, block weights and "
                  f"activations divided by tp={dims.tp} (analytic, approximate; CP's ring K/V buffers not counted)")
     flat = parallel.ParallelDims(1, dims.dp_replicate, dims.dp_shard * dims.cp, 1, 1)
-    traced = _trace_or_fall_back(cfg, flat, notes, seq_split=dims.cp)
+    traced = _trace_or_fall_back(cfg, flat, notes, seq_split=dims.cp, task=task)
     block_share = cfg.model.num_params(embeddings=False) / cfg.model.num_params()
     weights = block_share / dims.tp + (1 - block_share)
     acts = _sum(traced["peak"], ACT_KINDS)
@@ -196,7 +199,7 @@ def _ddp_only(dims) -> bool:
     return dims.dp_replicate > 1 and not parallel.uses_fsdp(dims) and dims.tp == 1
 
 
-def _trace_step(cfg, dims, seq_split: int | None = None) -> dict:
+def _trace_step(cfg, dims, seq_split: int | None = None, task=None) -> dict:
     """Memory by tracker category, in bytes: `peak` of the forward+backward, `after_step` once the
     optimizer has stepped, and `local_param_bytes` (this rank's share of the weights)."""
     world = dims.world_size
@@ -209,14 +212,15 @@ def _trace_step(cfg, dims, seq_split: int | None = None) -> dict:
         # Nothing here allocates: under FakeTensorMode every tensor, weights included, is shape only.
         # Real tensors still reach ops: the device mesh's rank tables, which DTensor indexes (TP, CP).
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return _trace_in_fake_mode(cfg, dims, mesh, seq_split or dims.cp, ep_mesh)
+            return _trace_in_fake_mode(cfg, dims, mesh, seq_split or dims.cp, ep_mesh, task)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int, ep_mesh=None) -> dict:
+def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int, ep_mesh=None, task=None) -> dict:
     spec = get_model_spec(cfg.model.name)
+    task = task or spec.task(cfg)
     fsdp = parallel.uses_fsdp(dims)
     model = build_model(cfg.model, "cpu")  # "cpu" under FakeTensorMode: fake weights, like the trainer's
     for module in model.modules():  # MoE: fake routing has no counts to split experts by; take them as balanced
@@ -226,7 +230,7 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int, ep_mesh=None) -> dict:
     param_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" and fsdp else None
     model = parallel.parallelize(model, mesh, dims, cfg.parallel, spec.tp_plan, param_dtype, ep_mesh)
     optimizer, _ = build_optimizer(model, cfg.optim, cfg.train.steps)
-    batch = fake_batch(cfg, seq_split)
+    batch = task.fake_batch(cfg.train.micro_batch, seq_split)
     if fsdp:
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs((batch,))
@@ -236,7 +240,7 @@ def _trace_in_fake_mode(cfg, dims, mesh, seq_split: int, ep_mesh=None) -> dict:
     autocast = cfg.precision.dtype == "bf16" and not fsdp  # as the trainer: FSDP casts through its policy
     with tracker:
         with precision.forward_context(cfg.precision, torch.device("cpu"), autocast):
-            loss = spec.task(cfg).loss_sum(model, batch)
+            loss = task.loss_sum(model, batch)
         loss.backward()
         peak = _by_kind(tracker.get_tracker_snapshot("peak"))
         # DTensor's sharding propagation for foreach kernels makes global-shape fake tensors that
