@@ -155,15 +155,16 @@ ONEREC_RL = str(REPO / "recipes/recsys/onerec-v2-1b-rl-h100.yaml")
 
 def test_onerec_rl_cluster_recipe_lays_out_its_step(capsys):
     """An RL recipe is planned as its trainer's step (keel/rl/plan.py): each of 8 ranks holds 32 of
-    the step's 256 users, their beams of 512 items scored with gradient and their RSFT loss. The
-    shipped recipe fits its node, its weights sharded as for training, and the traced activations
-    hold at least the beams' fp32 code logits (32 users x 512 items x every codebook's entries)."""
+    the step's 256 users, 8 per forward (4 accumulated), their beams of 512 items scored with gradient
+    and their RSFT loss. The shipped recipe fits its node, its weights sharded as for training, and the
+    traced activations hold at least one forward's fp32 code logits (8 users x 512 items x every
+    codebook's entries)."""
     out = plan_table(capsys, ONEREC_RL, [], 8)
     rows = table_gib(out)
-    assert "micro_batch 32 x" in out and "a beam of 512 items" in out and "fits" in out
+    assert "micro_batch 8 x" in out and "a beam of 512 items" in out and "4 micro-batches" in out and "fits" in out
     cfg = keel.load_recipe(ONEREC_RL)
     assert rows["parameters"] == pytest.approx(cfg.model.num_params() * 4 / 8 / GIB, rel=0.03)
-    beam_logits = 32 * 512 * sum(cfg.model.sid_levels) * 4 / GIB
+    beam_logits = 8 * 512 * sum(cfg.model.sid_levels) * 4 / GIB
     assert rows["activations (peak)"] > beam_logits
 
 

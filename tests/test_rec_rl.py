@@ -95,14 +95,14 @@ def test_rec_rl_resumes_exactly(trained, straight, tmp_path):
 
 def test_two_rank_fsdp_rec_rl_equals_one_process_and_resumes_on_one(trained, straight, tmp_path):
     """Under torchrun with FSDP2 over 2 ranks (each rolling out, scoring and training its half of
-    the users; rewards, the batch-wide advantage threshold and the RSFT cut on the gathered step), 2
-    steps and their evaluation log what one process logs; continued on one process for steps 3-4,
-    the run ends on the one-process weights."""
-    evals = {"rl.rec.eval_users": 72, "rl.micro_batch": 32}
-    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **evals, **{"rl.steps": 2, "checkpoint.every": 2})],
+    the users, 3 per forward; rewards, the batch-wide advantage threshold and the RSFT cut on the
+    gathered step), 2 steps and their evaluation log what one process logs with every user in one
+    forward; continued on one process for steps 3-4, the run ends on the one-process weights."""
+    split = {"rl.rec.eval_users": 69, "rl.micro_batch": 3}
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **split, **{"rl.steps": 2, "checkpoint.every": 2})],
              nproc=2)
-    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **evals)])
-    run_keel(["rl", RECIPE, *small(trained, tmp_path / "one", **evals, **{"rl.steps": 1})])
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "two", **split)])
+    run_keel(["rl", RECIPE, *small(trained, tmp_path / "one", **{"rl.rec.eval_users": 69, "rl.steps": 1})])
     rows, reference = read_metrics(tmp_path / "two"), read_metrics(straight)
     by_step = {r["step"]: r for r in reference if "loss" in r}
     for row in (r for r in rows if "loss" in r):
@@ -112,8 +112,8 @@ def test_two_rank_fsdp_rec_rl_equals_one_process_and_resumes_on_one(trained, str
             assert row[key] == want[key], (row["step"], key)
         for key in ("loss", "loss/rl", "loss/sft", "grad_norm", "ratio_mean"):
             assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (row["step"], key)
-    # The sharded evaluation (72 validation users, 32 per forward: 3 batches over 2 ranks, so one
-    # rank repeats a batch it does not count) against one process's, on the starting policy.
+    # The sharded evaluation (69 validation users, 3 per forward: 23 batches over 2 ranks, so one
+    # rank repeats a batch it does not count) against one process's in one batch, on the starting policy.
     sharded = next(r for r in rows if r["step"] == 0)
     alone = next(r for r in read_metrics(tmp_path / "one") if r["step"] == 0)
     keys = [k for k in alone if k.startswith("eval_")]

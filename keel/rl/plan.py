@@ -26,12 +26,16 @@ def register_step_plan(trainer: str):
 
 def rl_step_plan(cfg, world: int):
     """(the config to plan, the step to trace) of an RL recipe on `world` ranks: train.micro_batch
-    becomes one rank's share of rl.prompts_per_step (train.global_batch the step), train.steps rl.steps."""
+    becomes the prompts (users) of one forward, rl.micro_batch of one rank's share of
+    rl.prompts_per_step, train.global_batch the step (with the micro-batches a rank accumulates),
+    train.steps rl.steps."""
     if cfg.rl.trainer not in STEP_PLANS:
         raise ConfigError(f"rl.trainer: keel plan lays out {sorted(STEP_PLANS)} RL steps; {cfg.rl.trainer!r} is not "
                           f"planned yet")
     cfg = copy.deepcopy(cfg)
     dims = parallel.resolve_parallel_dims(cfg.parallel, world)
     per_rank = -(-cfg.rl.prompts_per_step // dims.dp)
-    cfg.train.micro_batch, cfg.train.global_batch, cfg.train.steps = per_rank, per_rank * dims.dp, cfg.rl.steps
+    micro = min(per_rank, cfg.rl.micro_batch)
+    accumulation = -(-per_rank // micro)
+    cfg.train.micro_batch, cfg.train.global_batch, cfg.train.steps = micro, micro * accumulation * dims.dp, cfg.rl.steps
     return cfg, STEP_PLANS[cfg.rl.trainer](cfg)

@@ -257,34 +257,7 @@ class RecRLTrainer(RLRun):
             tasks = ["rec"] * int(known.sum())
             advantages[known] = compute_advantages(self.rl.advantage, rewards[known], group[known], tasks,
                                                    self.rl.advantage_cfg, state)
-        self.policy.take_moe_aux_loss()  # the rollouts' forwards leave nothing to train on
-        with self.autocast():
-            logp = self.policy.code_logprobs(batch, codes[mine].to(self.device)).float()  # [b, G, L], this rank's
-        # Per token of the rollouts' forward; over ranks, their mean (FSDP's gradient average is undone below).
-        aux = self.policy.take_moe_aux_loss() / self.ranks.dp_size
-        legal = (items != 0)[..., None].expand_as(codes)  # [P, G, L], the whole step's
-        # Normalised by the whole step's counts, so the shares' gradients sum to one process's.
-        scale = losses.LossScale(tokens=float(legal.sum()), sequences=float(items.numel()))
-        flat = lambda t: t.flatten(0, 1)  # noqa: E731  [b*G, L]
-        rl_loss, loss_metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(logp.detach()),
-                                                   advantages[mine].flatten().to(self.device),
-                                                   flat(legal[mine].to(self.device)), loss_options(self.rl),
-                                                   agg=self.rl.loss_agg, scale=scale)
-        loss, shares = self.rec.rl_weight * rl_loss + aux, {}
-        if self.rec.sft_weight > 0:
-            keep = self._rsft_keep(indices, positions)
-            kept = int(keep.sum())
-            sft_batch = {**batch, "targets": torch.where(keep[mine].to(self.device), batch["targets"], 0)}
-            with self.autocast():
-                sft = self.policy(sft_batch).float() / max(kept, 1)
-            loss = loss + self.rec.sft_weight * sft
-            shares["loss/sft"] = float(sft.detach())
-        (loss * self.ranks.dp_size).backward()  # FSDP averages gradients over the ranks: undo it
-        row = self.optimizer_step()
-        row.update(self._step_metrics(loss_metrics, shares, float(loss.detach()), float(rl_loss.detach()),
-                                      len(share) / len(indices)))
-        if self.rec.sft_weight > 0:
-            row["rsft/kept_targets"] = kept
+        row = self._update(batch, share, indices, positions, items, codes, advantages)
         row.update(state.get("metrics", {}))
         n = items.numel()
         hits = float((items[mine] == batch["targets"][:, :1].cpu()).any(1).float().sum())  # this rank's users
@@ -295,13 +268,57 @@ class RecRLTrainer(RLRun):
                     "rollout/target_hit_rate": self.ranks.all_sum([hits])[0] / len(indices)})
         return row
 
-    def _step_metrics(self, loss_metrics: dict, shares: dict, loss: float, rl_loss: float, fraction: float) -> dict:
-        """The step's metrics over the ranks: the loss terms (each rank's share of the whole step's
-        normalised loss) summed, per-item means weighted by each rank's share of the users."""
-        summed = {**{k: v for k, v in loss_metrics.items() if k.startswith("loss/")}, **shares,
-                  "loss": loss, "loss/rl": rl_loss}
-        means = {k: v * fraction for k, v in loss_metrics.items() if not k.startswith("loss/")}
-        return self.ranks.sum_dict({**summed, **means})
+    def _update(self, batch: dict, share: range, indices: list, positions: np.ndarray, items, codes,
+                advantages) -> dict:
+        """One optimizer update on this rank's users, rl.micro_batch at a time: the RL loss on their
+        beams plus RSFT on their targets, every term normalised by the whole step's counts (so the
+        micro-batches' and ranks' gradients sum to one process's). Returns the step's metrics."""
+        legal = (items != 0)[..., None].expand_as(codes)  # [P, G, L], the whole step's
+        scale = losses.LossScale(tokens=float(legal.sum()), sequences=float(items.numel()))
+        keep = self._rsft_keep(indices, positions) if self.rec.sft_weight > 0 else None
+        kept = max(int(keep.sum()), 1) if keep is not None else 1
+        size, own = self.rl.micro_batch, len(share)
+        slices = [(lo, min(lo + size, own), 1) for lo in range(0, own, size)]
+        counted = len(slices)
+        # Every rank runs as many micro-batches as the largest share needs (FSDP's gathers must line
+        # up); a short rank repeats its first users with the loss weighted 0.
+        slices += [(0, 1, 0)] * (-(-len(self.ranks.share(len(indices), 0)) // size) - counted)
+        flat = lambda t: t.flatten(0, 1)  # noqa: E731  [b*G, L]
+        totals: dict = {}
+        self.policy.take_moe_aux_loss()  # the rollouts' forwards leave nothing to train on
+        for lo, hi, weight in slices:
+            rows = slice(share.start + lo, share.start + hi)  # the step's rows of this micro-batch
+            part = {k: v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == own else v for k, v in batch.items()}
+            with self.autocast():
+                logp = self.policy.code_logprobs(part, codes[rows].to(self.device)).float()  # [b, G, L]
+            # Per token of this forward: the mean over micro-batches and ranks (FSDP's average undone below).
+            aux = self.policy.take_moe_aux_loss() / (self.ranks.dp_size * counted)
+            rl_loss, metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(logp.detach()),
+                                                  advantages[rows].flatten().to(self.device),
+                                                  flat(legal[rows].to(self.device)), loss_options(self.rl),
+                                                  agg=self.rl.loss_agg, scale=scale)
+            loss = self.rec.rl_weight * rl_loss + aux
+            terms = {"loss/rl": float(rl_loss.detach())}
+            if keep is not None:
+                targets = torch.where(keep[rows].to(self.device), part["targets"], 0)
+                with self.autocast():
+                    sft = self.policy({**part, "targets": targets}).float() / kept
+                loss = loss + self.rec.sft_weight * sft
+                terms["loss/sft"] = float(sft.detach())
+            (loss * (self.ranks.dp_size * weight)).backward()  # FSDP averages gradients over the ranks: undo it
+            if not weight:
+                continue
+            terms["loss"] = float(loss.detach())
+            fraction = (hi - lo) / len(indices)  # per-item means, weighted by the users they cover
+            for key, value in metrics.items():
+                terms[key] = value if key.startswith("loss/") else value * fraction
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value
+        row = self.optimizer_step()
+        row.update(self.ranks.sum_dict(totals))
+        if keep is not None:
+            row["rsft/kept_targets"] = int(keep.sum())
+        return row
 
     # ------------------------------------------------------------ eval
     @torch.no_grad()
