@@ -75,10 +75,6 @@ class RolloutsAhead:
             future, self.pending = self.pending, None
             self.ready = future.result()  # re-raises the generation's error here, on the main thread
 
-    def close(self) -> None:
-        self.finish()
-        self.pool.shutdown(wait=True)
-
     def state_dict(self) -> dict:
         self.finish()
         if self.ready is None:
