@@ -162,8 +162,8 @@ def test_sampled_rollouts_follow_the_policy(trained, tmp_path, temperature):
                                                               "rl.rec.temperature": temperature}))
     trainer = RecRLTrainer(cfg)
     batch = trainer._batch([0])
-    items, codes = trainer.rollouts(batch, torch.Generator().manual_seed(0))
-    assert items.shape == (1, g) and codes.shape == (1, g, len(trainer.task.sid_levels))
+    items, codes, recorded = trainer.rollouts(batch, torch.Generator().manual_seed(0))
+    assert items.shape == (1, g) and codes.shape == recorded.shape == (1, g, len(trainer.task.sid_levels))
     assert torch.equal(items[0], trainer.task.trie.item_of(codes[0]))
     with torch.no_grad():
         logp = trainer.policy.eval()(batch, owner=torch.zeros(1, dtype=torch.long),
@@ -173,3 +173,21 @@ def test_sampled_rollouts_follow_the_policy(trained, tmp_path, temperature):
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / g).sqrt() + 1e-3).all()
     other = torch.softmax(logp.double() / (temperature * 2), -1)  # the test would see a wrong temperature
     assert ((freq - other).abs() > 5 * (other * (1 - other) / g).sqrt() + 1e-3).any()
+    # pi_old of the first code is the tempered probability it was drawn with
+    torch.testing.assert_close(recorded[0, :, 0].double(), p.log()[codes[0, :, 0]], rtol=0, atol=1e-5)
+
+
+def test_beam_rollouts_record_the_policys_code_logprobs(trained, tmp_path):
+    """pi_old (rl.rec.pi_old: rollout) is what the beam search saw: for every item of every beam, the
+    per-code log-probs equal the policy's code_logprobs of that item, computed separately."""
+    from keel.rl.rec_rl import RecRLTrainer
+
+    cfg = keel.load_recipe(RECIPE, small(trained, tmp_path))
+    trainer = RecRLTrainer(cfg)
+    batch = trainer._batch(list(range(5)))
+    items, codes, recorded = trainer.rollouts(batch, torch.Generator().manual_seed(0))
+    assert (items > 0).all()
+    with torch.no_grad():
+        again = trainer.policy.eval().code_logprobs(batch, codes).float()
+    torch.testing.assert_close(recorded, again, rtol=0, atol=2e-5)
+    assert not torch.equal(recorded[:, 0], recorded[:, -1])  # the beam's best and worst items differ

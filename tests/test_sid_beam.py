@@ -79,6 +79,16 @@ def test_beam_emits_only_valid_items_and_is_deterministic(seed):
     exact = score_all_items(step, trie, batch)
     got = exact.gather(1, items)
     assert torch.allclose(got[items > 0], logp[items > 0], atol=1e-5)
+    # the per-code log-probs kept for RL's pi_old: each is step_fn's at the item's own prefix
+    again_items, again_logp, per_code = beam_search(step, trie, batch, beam, topk, code_logp=True)
+    assert torch.equal(again_items, items) and torch.equal(again_logp, logp)
+    for u, row in enumerate(items.tolist()):
+        for k, item in enumerate(row):
+            if item == 0:
+                continue
+            path = torch.from_numpy(sids[item])
+            recount = [step(torch.tensor([u]), path[None, :t])[0, path[t]] for t in range(len(levels))]
+            assert torch.allclose(per_code[u, k], torch.stack(recount).float(), atol=1e-6)
     assert torch.equal(trie.item_of(torch.from_numpy(sids[1:])), torch.arange(1, n + 1))
 
 

@@ -131,9 +131,11 @@ def _check(trie: SidTrie, logp: torch.Tensor, m: int, t: int) -> None:
 
 
 @torch.no_grad()
-def beam_search(step_fn: StepFn, trie: SidTrie, batch_size: int, beam: int, topk: int):
+def beam_search(step_fn: StepFn, trie: SidTrie, batch_size: int, beam: int, topk: int, code_logp: bool = False):
     """(items int64 [B, topk], logp float [B, topk]) best first over valid SIDs only; items 0 and
-    logp -inf where fewer than topk valid items have a finite score."""
+    logp -inf where fewer than topk valid items have a finite score. With code_logp, also the
+    log-prob step_fn gave each of the item's codes [B, topk, L] (their sum is logp): the rollout
+    policy's own probabilities, which recommender RL keeps as pi_old."""
     if not 1 <= beam <= MAX_BEAM or topk < 1:
         raise ConfigError(f"beam search: beam {beam} and topk {topk}; expected 1 <= beam <= {MAX_BEAM}, topk >= 1")
     dev = None
@@ -141,6 +143,7 @@ def beam_search(step_fn: StepFn, trie: SidTrie, batch_size: int, beam: int, topk
     pid = torch.zeros(b, 1, dtype=torch.int64)
     codes = torch.zeros(b, 1, 0, dtype=torch.int64)
     score = torch.zeros(b, 1)
+    code_scores = torch.zeros(b, 1, 0)  # [b, w, t]: each beam's per-code log-probs so far
     for t, v in enumerate(trie.sid_levels):
         w = pid.shape[1]
         owner = torch.arange(b).repeat_interleave(w)
@@ -148,6 +151,7 @@ def beam_search(step_fn: StepFn, trie: SidTrie, batch_size: int, beam: int, topk
             logp = step_fn(owner, codes.reshape(b * w, t))
             dev = logp.device
             trie, pid, codes, score, owner = trie.to(dev), pid.to(dev), codes.to(dev), score.to(dev), owner.to(dev)
+            code_scores = code_scores.to(dev)
         else:
             logp = step_fn(owner, codes.reshape(b * w, t))
         _check(trie, logp, b * w, t)
@@ -163,14 +167,18 @@ def beam_search(step_fn: StepFn, trie: SidTrie, batch_size: int, beam: int, topk
         score = cand.gather(1, pick)
         dead = ~torch.isfinite(score)
         nxt = child.gather(1, pick).masked_fill(dead, -1)
+        parent_beam = pick // v
+        if code_logp:
+            code_scores = torch.cat([code_scores.gather(1, parent_beam.unsqueeze(-1).expand(-1, -1, t)),
+                                     logp.view(b, w * v).float().gather(1, pick).unsqueeze(-1)], 2)
         if last:
             items = nxt.clamp(min=0)
             if items.shape[1] < topk:  # fewer candidates than topk
                 pad = topk - items.shape[1]
                 items = torch.cat([items, items.new_zeros(b, pad)], 1)
                 score = torch.cat([score, score.new_full((b, pad), float("-inf"))], 1)
-            return items, score
-        parent_beam = pick // v
+                code_scores = torch.cat([code_scores, code_scores.new_full((b, pad, t + 1), float("-inf"))], 1)
+            return (items, score, code_scores) if code_logp else (items, score)
         codes = torch.cat([codes.gather(1, parent_beam.unsqueeze(-1).expand(-1, -1, t)),
                            (pick % v).unsqueeze(-1)], 2).masked_fill(dead.unsqueeze(-1), 0)
         pid = nxt

@@ -11,13 +11,15 @@ impressions, in a seeded resumable order):
   advantage rl.advantage over the items with a reward (`duration_aware`: +1 / -1 / 0 as OneRec-V2;
             `grpo`: group-normalised per user); items without one get 0
   loss      rl.loss (`gbpo` or `ecpo`, keel/rl/rec_objectives.py) on the items' code log-probs,
+            pi_old being the probabilities the rollout recorded (rl.rec.pi_old),
             plus rl.rec.sft_weight x RSFT: the next-item loss on the same samples' logged targets,
             the bottom rl.rec.rsft_drop share of the batch by engagement left out (OneRec's joint
             RSFT + RL; the engagement is the play time, or the rating where the log has none)
   eval      HR@K / NDCG@K on the validation split, the same ranking keel train reports
 
 The policy is a keel run of a generative recommender; the rollout model is the policy itself (on
-policy, one optimizer update per step), so pi_old is the policy's own probability at rollout time.
+policy, one optimizer update per step), so pi_old is the policy's own probability at rollout time:
+it equals sg(pi) up to what differs between generating and training (dropout, a temperature).
 
 Under torchrun (keel/rl/sharding.py) the policy is FSDP2-sharded and each data-parallel rank rolls
 out, scores and trains on its contiguous share of the step's users; the rollouts are gathered, so
@@ -58,6 +60,10 @@ class RecRLConfig:
     """rl.trainer rec: rollouts, rewards and the RSFT term."""
     rollout: Literal["beam", "sample"] = "beam"  # constrained beam search (the group = the beam) or free sampling
     temperature: float = 1.0  # rollout sample: softmax temperature of each code
+    # GBPO / ECPO's pi_old: `rollout`, the code probabilities the rollout recorded as it generated
+    # (the logged generation probability; for `sample`, the tempered distribution drawn from), or
+    # `current`, sg(pi) of the training forward (what the losses fall back to where no log has one)
+    pi_old: Literal["rollout", "current"] = "rollout"
     rewards: dict = field(default_factory=lambda: {"feedback": 1.0})  # reward name -> weight
     reward_cfg: dict = field(default_factory=dict)  # reward name -> its options (keel/rl/rec_rewards.py)
     sft_weight: float = 1.0  # weight of the RSFT next-item loss beside the RL loss (0: RL alone)
@@ -191,7 +197,8 @@ class RecRLTrainer(RLRun):
     # ------------------------------------------------------------ rollouts
     @torch.no_grad()
     def rollouts(self, batch: dict, generator: torch.Generator):
-        """(items [B, G], codes [B, G, L]); item 0 where a sampled code path is no catalogue item."""
+        """(items [B, G], codes [B, G, L], the log-prob the rollout gave each code [B, G, L]); item 0
+        where a sampled code path is no catalogue item."""
         model, g = self.policy, self.rl.group_size
         model.eval()
         rows = batch["targets"].shape[0]
@@ -201,15 +208,19 @@ class RecRLTrainer(RLRun):
                 return model(batch, owner=owner.to(self.device), prefix=prefix.to(self.device)).float()
         try:
             if self.rec.rollout == "beam":
-                items, _ = beam_search(step, self.task.trie, rows, g, g)
-                return items.cpu(), self.task.sids[items.to(self.task.sids.device)].cpu()
+                items, _, code_logp = beam_search(step, self.task.trie, rows, g, g, code_logp=True)
+                # a padded beam slot (fewer legal items than G) is item 0, masked out of the loss
+                code_logp = code_logp.cpu().nan_to_num(neginf=0.0)
+                return items.cpu(), self.task.sids[items.to(self.task.sids.device)].cpu(), code_logp
             owner = torch.arange(rows).repeat_interleave(g)
             codes = torch.zeros(rows * g, 0, dtype=torch.long)
+            drawn = []
             for _ in self.task.sid_levels:
-                probs = torch.softmax(step(owner, codes).cpu() / self.rec.temperature, -1)
-                codes = torch.cat([codes, torch.multinomial(probs, 1, generator=generator)], 1)
+                logp = torch.log_softmax(step(owner, codes).cpu() / self.rec.temperature, -1)
+                code = torch.multinomial(logp.exp(), 1, generator=generator)
+                codes, drawn = torch.cat([codes, code], 1), drawn + [logp.gather(1, code)]
             items = self.task.trie.item_of(codes).view(rows, g)
-            return items, codes.view(rows, g, -1)
+            return items, codes.view(rows, g, -1), torch.cat(drawn, 1).view(rows, g, -1)
         finally:
             model.train()
 
@@ -219,13 +230,13 @@ class RecRLTrainer(RLRun):
         return {k: v.to(self.device) for k, v in self.task.with_inputs(collate(rows)).items()}
 
     def _rollouts_of(self, indices: list[int], generator: torch.Generator):
-        """(this rank's batch, its share of `indices`, items [P, G] and codes [P, G, L] of all of them):
-        each rank rolls out its share and the shares are gathered (on one process: all of them)."""
+        """(this rank's batch, its share of `indices`, and of all of them: items [P, G], codes and the
+        rollout's code log-probs [P, G, L]): each rank rolls out its share and the shares are gathered
+        (on one process: all of them)."""
         share = self.ranks.share(len(indices))
         batch = self._batch([indices[i] for i in share])
-        items, codes = self.rollouts(batch, generator)
-        gathered = self.ranks.gather([(items, codes)])  # one (items, codes) per data-parallel rank
-        return batch, share, torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+        gathered = self.ranks.gather([self.rollouts(batch, generator)])  # one triple per data-parallel rank
+        return (batch, share, *(torch.cat([g[i] for g in gathered]) for i in range(3)))
 
     def _rsft_keep(self, indices: list[int], positions: np.ndarray) -> torch.Tensor:
         """[P, K] bool: the step's targets RSFT trains on, all but those below the step's rl.rec.rsft_drop
@@ -244,7 +255,7 @@ class RecRLTrainer(RLRun):
         positions = self.samples.positions[indices]
         users = self.samples.user_of[positions]
         generator = torch.Generator().manual_seed(self.prompt_seed(first))
-        batch, share, items, codes = self._rollouts_of(indices, generator)
+        batch, share, items, codes, rollout_logp = self._rollouts_of(indices, generator)
         mine = slice(share.start, share.stop)
         view = UserView(self.task.split, positions, users)
         rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
@@ -257,7 +268,7 @@ class RecRLTrainer(RLRun):
             tasks = ["rec"] * int(known.sum())
             advantages[known] = compute_advantages(self.rl.advantage, rewards[known], group[known], tasks,
                                                    self.rl.advantage_cfg, state)
-        row = self._update(batch, share, indices, positions, items, codes, advantages)
+        row = self._update(batch, share, indices, positions, items, codes, rollout_logp, advantages)
         row.update(state.get("metrics", {}))
         n = items.numel()
         hits = float((items[mine] == batch["targets"][:, :1].cpu()).any(1).float().sum())  # this rank's users
@@ -269,7 +280,7 @@ class RecRLTrainer(RLRun):
         return row
 
     def _update(self, batch: dict, share: range, indices: list, positions: np.ndarray, items, codes,
-                advantages) -> dict:
+                rollout_logp, advantages) -> dict:
         """One optimizer update on this rank's users, rl.micro_batch at a time: the RL loss on their
         beams plus RSFT on their targets, every term normalised by the whole step's counts (so the
         micro-batches' and ranks' gradients sum to one process's). Returns the step's metrics."""
@@ -293,7 +304,8 @@ class RecRLTrainer(RLRun):
                 logp = self.policy.code_logprobs(part, codes[rows].to(self.device)).float()  # [b, G, L]
             # Per token of this forward: the mean over micro-batches and ranks (FSDP's average undone below).
             aux = self.policy.take_moe_aux_loss() / (self.ranks.dp_size * counted)
-            rl_loss, metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(logp.detach()),
+            old = rollout_logp[rows].to(self.device) if self.rec.pi_old == "rollout" else logp.detach()
+            rl_loss, metrics = losses.policy_loss(self.rl.loss, flat(logp), flat(old),
                                                   advantages[rows].flatten().to(self.device),
                                                   flat(legal[rows].to(self.device)), loss_options(self.rl),
                                                   agg=self.rl.loss_agg, scale=scale)
@@ -354,7 +366,7 @@ class RecRLTrainer(RLRun):
             indices = chosen[lo:lo + self.rl.prompts_per_step]
             positions = self.samples.positions[indices]
             generator = torch.Generator().manual_seed(self.prompt_seed(lo, stream=1))
-            _, _, items, codes = self._rollouts_of(indices, generator)
+            _, _, items, codes, _ = self._rollouts_of(indices, generator)
             view = UserView(self.task.split, positions, self.samples.user_of[positions])
             rewards = combined_rewards(self.rec.rewards, self.reward_options, view, items, codes, generator)
             seen = ~torch.isnan(rewards)
