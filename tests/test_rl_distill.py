@@ -194,10 +194,12 @@ def test_camopd_trainer_alternates_selects_and_resumes_exactly(tmp_path, tiny_mo
     assert not math.isclose(rows[0]["loss"], rows[-1]["loss"])
 
 
-def test_two_rank_fsdp_camopd_equals_one_process_and_resumes_on_one(tmp_path, tiny_models):
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+def test_two_rank_fsdp_camopd_equals_one_process_and_resumes_on_one(tmp_path, tiny_models, layout):
     """CaMOPD with the full-vocabulary signal under torchrun, FSDP2 over 2 ranks (student and both
     teachers sharded, each micro-batch calling every teacher on every rank): the same rows as one
-    process; stopped after 2 steps and continued on one process, the same weights."""
+    process; stopped after 2 steps and continued on one process, the same weights. With tp2 both
+    ranks hold every rollout and half of each block of the student and the teachers."""
     from tests.conftest import assert_weights_agree_to_rounding, run_keel
 
     def overrides(run, steps):
@@ -206,7 +208,8 @@ def test_two_rank_fsdp_camopd_equals_one_process_and_resumes_on_one(tmp_path, ti
             "rl.engine_dtype=float32", "rl.sampling.top_k=20", "optim.lr=1e-3"]
 
     OPDTrainer(keel.load_recipe(RECIPE, overrides("one", 3))).train()
-    run_keel(["rl", RECIPE, *overrides("two", 2)], nproc=2)
+    tp = ["parallel.tp=2", "parallel.sequence_parallel=false"] if layout == "tp2" else []
+    run_keel(["rl", RECIPE, *overrides("two", 2), *tp], nproc=2)
     OPDTrainer(keel.load_recipe(RECIPE, overrides("two", 3))).train()  # resumes at step 2 on one process
     one, two = ([r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
                 for run in ("one", "two"))

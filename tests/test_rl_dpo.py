@@ -130,12 +130,14 @@ def test_reference_modes_agree_and_resume_is_exact(tmp_path, tiny_policy):
         torch.testing.assert_close(w_resumed[name], value, rtol=0, atol=1e-7, msg=name)
 
 
-def test_two_rank_fsdp_dpo_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy):
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+def test_two_rank_fsdp_dpo_equals_one_process_and_resumes_on_one(tmp_path, tiny_policy, layout):
     """DPO under torchrun with FSDP2 over 2 ranks (7 pairs a step: 4 + 3, micro-batches of 3, so
     the second rank runs a zero-weighted filler), the frozen reference sharded like the policy:
     the same loss, margin and grad norm as one process; stopped after 2 steps and continued on one
     process, it ends on one process's weights. The cached reference, computed over 2 ranks, equals
-    one process's."""
+    one process's. With tp2 both ranks hold every pair and half of each block's weights (policy and
+    reference), and the metrics count each pair once."""
     from tests.conftest import assert_weights_agree_to_rounding, run_keel
 
     common = ["rl.dpo.lora=null", "rl.dpo.pairs_per_step=7", "rl.micro_batch=3", "precision.dtype=fp32"]
@@ -144,6 +146,8 @@ def test_two_rank_fsdp_dpo_equals_one_process_and_resumes_on_one(tmp_path, tiny_
     overrides = [f"run.out_dir={tmp_path / 'two'}", f"rl.policy={tiny_policy}", "logging.wandb=disabled",
                  "logging.progress=false", "rl.eval_every=0", "rl.dpo.build.n_pairs=40", "rl.dpo.eval_fraction=0.1",
                  "optim.lr=1e-2", "optim.warmup_steps=0", *common]
+    if layout == "tp2":
+        overrides += ["parallel.tp=2", "parallel.sequence_parallel=false"]
     run_keel(["rl", RECIPE, *overrides, "rl.steps=2", "rl.dpo.reference=model"], nproc=2)
     run_keel(["rl", RECIPE, *[o.replace("/two", "/two_cached") for o in overrides], "rl.steps=1",
               "rl.dpo.reference=cached"], nproc=2)
@@ -155,7 +159,10 @@ def test_two_rank_fsdp_dpo_equals_one_process_and_resumes_on_one(tmp_path, tiny_
     for a, b in zip(one, two):
         for key in ("loss", "margin", "accuracy", "grad_norm", "kl_ref", "response_tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    assert_weights_agree_to_rounding(keel.load(tmp_path / "one").state_dict(), keel.load(tmp_path / "two").state_dict())
+    # tp2 sums each block's output over the ranks in a different order again: the same handful of
+    # near-zero-gradient embedding entries Adam amplifies (measured: 4 of 3.1M, up to 2.6e-4 apart)
+    assert_weights_agree_to_rounding(keel.load(tmp_path / "one").state_dict(), keel.load(tmp_path / "two").state_dict(),
+                                     atol=5e-4 if layout == "tp2" else 2e-4)
     cached_one = load_pairs(tmp_path / "one_cached" / "reference_logprobs.jsonl")
     cached_two = load_pairs(tmp_path / "two_cached" / "reference_logprobs.jsonl")
     assert [(p.prompt, p.chosen) for p in cached_two] == [(p.prompt, p.chosen) for p in cached_one]
