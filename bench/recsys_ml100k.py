@@ -123,6 +123,8 @@ def cells(masked: dict, unmasked: dict, seed: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (to add a seed to an earlier run)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="override train.steps of every recipe")
     p.add_argument("--beam", type=int, default=64, help="beam width where ranking is not exact")
@@ -138,7 +140,7 @@ def main() -> None:
         results[name] = summarise([{"train_s": 0.0, "flops": 0.0, **cells(masked, unmasked, 0)}])
     for name in args.models:
         rows = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             run = out / f"{name}-seed{seed}"
             done = (run / "train_seconds.txt")
             if not done.exists():  # a rerun of the bench scores finished runs again without training
