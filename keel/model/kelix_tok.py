@@ -1,4 +1,4 @@
-"""Kelix-Tok (PAPERS.md §2.2): ViT -> 2x2 patch merge -> N independent SimVQ sub-codebooks -> sum fusion.
+"""Kelix-Tok (Kelix's image tokenizer): ViT -> 2x2 patch merge -> N independent SimVQ sub-codebooks -> sum fusion.
 
 Single-device code at Fashion-MNIST scale (28x28 grey images; the paper's ViT is Keye-VL's NaViT):
   patches  patch_size^2 pixels -> Linear, + learned positions, `vit_layers` bidirectional backbone
