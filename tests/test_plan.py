@@ -168,8 +168,40 @@ def test_onerec_rl_cluster_recipe_lays_out_its_step(capsys):
     assert rows["activations (peak)"] > beam_logits
 
 
-def test_an_rl_step_keel_plan_cannot_lay_out_is_one_line(capsys):
+def test_an_rl_step_keel_plan_cannot_lay_out_is_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["plan", str(REPO / "recipes/rl/grpo-tiny.yaml"), "--world", "1"])
+        main(["plan", str(REPO / "recipes/rl/dpo-tiny.yaml"), "--world", "1"])
     assert exit_info.value.code == 2
-    assert "rl.trainer: keel plan lays out ['rec'] RL steps; 'grpo' is not planned yet" in capsys.readouterr().err
+    assert "rl.trainer: keel plan lays out ['grpo', 'rec'] RL steps; 'dpo' is not planned yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(REPO / "recipes/rl/grpo-tiny.yaml"), f"rl.policy={tmp_path / 'nowhere'}", "--world", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("keel: error: rl.policy: keel plan reads the policy's shape from it: ")
+
+
+GRPO_TINY = str(REPO / "recipes/rl/grpo-tiny.yaml")
+
+
+def test_grpo_plan_lays_out_the_policys_sequences_scored_in_chunks(capsys, monkeypatch):
+    """A GRPO step is planned as one micro-batch of the update (keel/rl/grpo_plan.py): the rows are
+    sequences (8 prompts x 8 samples = 64, 32 per rank on 2, 2 per forward: 16 accumulated), the
+    shape is the policy's (SmolLM2-135M, read from rl.policy, not the recipe's model: section), and
+    the response tokens go through the head in chunks as the trainer scores them: with the chunk
+    made as long as the micro-batch's responses, the traced activations grow by at least the fp32
+    logits of the tokens the chunk no longer holds back."""
+    from keel.rl.grpo_plan import GRPOStepPlan
+    from keel.rl.plan import rl_step_plan
+    from keel.rl.scoring import SCORE_CHUNK
+
+    long_responses = ["rl.max_prompt_tokens=16", "rl.sampling.max_tokens=2048", "rl.micro_batch=2"]
+    out = plan_table(capsys, GRPO_TINY, long_responses, 2)
+    chunked = table_gib(out)
+    assert "micro_batch 2 x (16 prompt + 2048 response tokens" in out and "16 micro-batches" in out
+    policy = rl_step_plan(keel.load_recipe(GRPO_TINY), 1)[0].model
+    assert policy.dim == 576 and policy.vocab_size == 49152  # SmolLM2-135M's
+    assert chunked["parameters"] == pytest.approx(policy.num_params() * 4 / 2 / GIB, rel=0.03)
+
+    monkeypatch.setattr(GRPOStepPlan, "chunk", 1 << 30)
+    whole = table_gib(plan_table(capsys, GRPO_TINY, long_responses, 2))
+    held_back = (2 * 2048 - SCORE_CHUNK) * policy.vocab_size * 4 / GIB
+    assert whole["activations (peak)"] - chunked["activations (peak)"] > held_back

@@ -158,7 +158,7 @@ def is_keel_checkpoint(path: Path) -> bool:
 def policy_source(spec: str, with_tokenizer: bool = True):
     """(model config, weights path, keel Tokenizer or None) of an `rl.policy` for a sharded load: an HF
     folder (or `smollm2`) read slice by slice, or a keel run/checkpoint read by DCP (a recommender's
-    has no tokenizer: `with_tokenizer=False`)."""
+    has no tokenizer, and `keel plan` needs only the shape: `with_tokenizer=False`)."""
     path = Path(spec).expanduser()
     if spec != "smollm2" and path.exists() and is_keel_checkpoint(path):
         ckpt = resolve_checkpoint(path, "rl.policy")
@@ -178,7 +178,7 @@ def policy_source(spec: str, with_tokenizer: bool = True):
                           f"`keel import hf` it once and point rl.policy at the imported folder")
     hf_config = AutoConfig.from_pretrained(folder)
     model_cfg = import_adapter(hf_config, str(folder)).from_config(hf_config, str(folder))
-    return model_cfg, folder, Tokenizer.load(str(folder))
+    return model_cfg, folder, Tokenizer.load(str(folder)) if with_tokenizer else None
 
 
 def build_sharded_policy(spec: str, cfg, ranks: RLRanks, trainable: bool = True,

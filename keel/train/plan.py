@@ -118,7 +118,8 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "", task=
     rank = _rank_plan(kind, cfg, trace_cfg, traced, accumulation, in_flight, capacity)
     if rank.peak_bytes and not rank.fits:
         notes.append(f"warning: {kind} needs {rank.peak_bytes / GIB:.1f} GiB, more than the {gpu}'s "
-                     f"{capacity / GIB:.0f} GiB: raise parallel.dp_shard/tp/pp, lower train.micro_batch, "
+                     f"{capacity / GIB:.0f} GiB: raise parallel.dp_shard/tp/pp, lower "
+                     f"{'rl' if cfg.rl is not None else 'train'}.micro_batch, "
                      f"or use parallel.activation_checkpoint")
     layout = " ".join(f"{name}={getattr(dims, name)}" for name in parallel.MESH_DIMS)
     n_params = cfg.model.num_params() if hasattr(cfg.model, "num_params") else None
