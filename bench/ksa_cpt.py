@@ -1,6 +1,6 @@
 """The real SmolLM2-135M continually pretrained into KSA on the KJV, against the dense original.
 
-    OMP_NUM_THREADS=2 KEEL_HOME=/root/.cache/keel python bench/ksa_cpt.py --work runs/ksa_cpt
+    OMP_NUM_THREADS=2 python bench/ksa_cpt.py --work runs/ksa_cpt
     ... python bench/ksa_cpt.py --stage1-steps 2 --stage2-steps 1 --windows 1 --trials 1   # smoke run
 
 Steps: `keel import hf smollm2` into a scratch folder; stage 1 (recipes/ksa/smollm2-ksa-stage1.yaml:

@@ -1,6 +1,6 @@
 """GRPO on reasoning-gym basic_arithmetic with the real SmolLM2-135M-Instruct (CPU, bounded).
 
-    KEEL_HOME=/root/.cache/keel OMP_NUM_THREADS=1 python bench/rl_grpo_arithmetic.py --minutes 18 --steps 40 --eval-every 4
+    OMP_NUM_THREADS=1 python bench/rl_grpo_arithmetic.py --minutes 18 --steps 40 --eval-every 4
 
 Runs `keel rl recipes/rl/grpo-tiny.yaml` step by step until the time budget is spent and prints the
 held-out greedy accuracy curve (eval every --eval-every steps, 64 held-out prompts) and the

@@ -2,7 +2,7 @@
 precision and seed; seconds per step and held-out greedy accuracy after the same number of steps.
 
     pip install --target /tmp/trl-pkgs/site-packages --no-deps trl==1.16.0 datasets dill multiprocess pandas pyarrow
-    KEEL_HOME=/root/.cache/keel OMP_NUM_THREADS=1 PYTHONPATH=/tmp/trl-pkgs/site-packages \
+    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/trl-pkgs/site-packages \
         python bench/rl_vs_trl.py --steps 5
 
 TRL is not a keel dependency: `pip install trl==1.16.0` (beside torch/transformers/accelerate it adds

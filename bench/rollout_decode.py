@@ -1,6 +1,6 @@
 """Native rollout engine vs transformers `generate`: rollout tokens/s on the same model, prompts and batch.
 
-    KEEL_HOME=/root/.cache/keel OMP_NUM_THREADS=1 python bench/rollout_decode.py --prompts 16 --samples 8 --batch 16 --max-tokens 64
+    OMP_NUM_THREADS=1 python bench/rollout_decode.py --prompts 16 --samples 8 --batch 16 --max-tokens 64
 
 Both sample (temperature 1, seeded) from the real SmolLM2-135M-Instruct on chat-wrapped
 reasoning-gym prompts, stopping at EOS, so output lengths are mixed. `--samples` is GRPO's group
