@@ -200,6 +200,11 @@ def test_grpo_plan_lays_out_the_policys_sequences_scored_in_chunks(capsys, monke
     policy = rl_step_plan(keel.load_recipe(GRPO_TINY), 1)[0].model
     assert policy.dim == 576 and policy.vocab_size == 49152  # SmolLM2-135M's
     assert chunked["parameters"] == pytest.approx(policy.num_params() * 4 / 2 / GIB, rel=0.03)
+    # the native engine's whole bf16 copy on every rank, and its KV cache in the rollout note
+    assert chunked["rollout engine weights"] == pytest.approx(policy.num_params() * 2 / GIB, abs=0.01)
+    cfg = keel.load_recipe(GRPO_TINY)
+    kv = cfg.rl.engine_batch * (16 + 2048) * policy.n_layers * 2 * policy.n_kv_heads * policy.head_dim * 2 / GIB
+    assert f"rl.engine_batch={cfg.rl.engine_batch} sequences of 2064 tokens is {kv:.1f} GiB" in out
 
     monkeypatch.setattr(GRPOStepPlan, "chunk", 1 << 30)
     whole = table_gib(plan_table(capsys, GRPO_TINY, long_responses, 2))

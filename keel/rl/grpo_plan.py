@@ -6,11 +6,13 @@ response. The response tokens go through the LM head in chunks (keel/rl/scoring.
 held at once are a chunk's, not [tokens x vocab]. The policy's shape is read from rl.policy (a keel
 run or an HF folder on this machine), not from the recipe's model: section.
 
-Not counted: the frozen reference (rl.kl_coef > 0: one more copy of the weights, sharded like the
-policy, no gradients or optimizer state), the rollout engine (vLLM with `sleep: true` frees its
-weights and KV cache during the update; the native engine holds a copy of the weights and its KV
-cache), and rl.micro_batch_tokens packing (a packed row of that many tokens holds what the same
-tokens padded into rows do, less the padding).
+Counted beside the traced step (analytic): the native engine's own copy of the weights (every rank
+holds all of it, in rl.engine_dtype, refreshed after each update) and the frozen reference under
+rl.kl_coef > 0 (sharded like the policy, fp32, no gradients or optimizer state). Not counted: the
+rollout phase itself (the engine's KV cache lives while the policy's activations do not; a long
+prompt's cache can exceed them), vLLM (with `sleep: true` it frees its weights and KV cache during
+the update, keeping its CUDA context), and rl.micro_batch_tokens packing (a packed row of that many
+tokens holds what the same tokens padded into rows do, less the padding).
 """
 from __future__ import annotations
 
@@ -61,6 +63,34 @@ class GRPOStepPlan:
         picked, entropy = token_scores(hidden.reshape(-1, hidden.shape[-1]), model.head_weight(),
                                        ids[:, self.prompt:].reshape(-1), self.temperature, self.entropy, self.chunk)
         return picked.sum() + entropy.sum()
+
+    def resident_memory(self, cfg, dims) -> list:
+        n_params, rows = cfg.model.num_params(), []
+        if cfg.rl.engine == "native":
+            width = 4 if cfg.rl.engine_dtype == "float32" else 2
+            rows.append(("rollout engine weights", n_params * width,
+                         f"analytic: the native engine's whole copy in {cfg.rl.engine_dtype}"))
+        if cfg.rl.kl_coef > 0:
+            rows.append(("reference weights", n_params * 4 // max(dims.dp_shard * dims.tp, 1),
+                         "analytic: the frozen reference, sharded like the policy"))
+        return rows
+
+    def plan_notes(self, cfg, rank, capacity) -> list:
+        """The rollout phase, beside the traced update: the native engine's KV cache, preallocated for
+        rl.engine_batch sequences of the longest length, next to its weights and the training state
+        that stays resident (weights, optimizer state; gradients are freed)."""
+        if cfg.rl.engine != "native":
+            return []
+        m, width = cfg.model, 4 if cfg.rl.engine_dtype == "float32" else 2
+        kv = cfg.rl.engine_batch * (self.prompt + self.response) * m.n_layers * 2 * m.n_kv_heads * m.head_dim * width
+        held = sum(row.bytes for row in rank.rows if row.name in ("parameters", "optimizer state", "rollout engine weights"))
+        gib = 1 << 30
+        note = (f"rollouts (not in the total): the native engine's KV cache for rl.engine_batch={cfg.rl.engine_batch} "
+                f"sequences of {self.prompt + self.response} tokens is {kv / gib:.1f} GiB, "
+                f"{(kv + held) / gib:.1f} GiB with what stays resident")
+        if capacity and kv + held > capacity:
+            note = f"warning: {note}, more than the GPU's {capacity / gib:.0f} GiB: lower rl.engine_batch"
+        return [note]
 
     def sample_shape(self) -> str:
         return f"({self.prompt} prompt + {self.response} response tokens, scored in chunks)"

@@ -115,7 +115,11 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "", task=
     if _ddp_only(dims):
         traced["ddp_bucket_bytes"] = _sum(traced["after_step"], GRAD_KINDS)
     kind = "every rank" if dims.pp == 1 else f"pp stage (of {dims.pp}; {trace_cfg.model.n_layers} layers)"
-    rank = _rank_plan(kind, cfg, trace_cfg, traced, accumulation, in_flight, capacity)
+    # What a task keeps beside the model all step long (an RL trainer's rollout engine, its reference)
+    resident = task.resident_memory(cfg, dims) if hasattr(task, "resident_memory") else []
+    rank = _rank_plan(kind, cfg, trace_cfg, traced, accumulation, in_flight, capacity, resident)
+    if hasattr(task, "plan_notes"):  # what a task knows of its other phases (an RL trainer's rollouts)
+        notes.extend(task.plan_notes(cfg, rank, capacity))
     if rank.peak_bytes and not rank.fits:
         notes.append(f"warning: {kind} needs {rank.peak_bytes / GIB:.1f} GiB, more than the {gpu}'s "
                      f"{capacity / GIB:.0f} GiB: raise parallel.dp_shard/tp/pp, lower "
@@ -285,7 +289,7 @@ def _sum(kinds: dict, names) -> int:
 
 
 def _rank_plan(kind: str, cfg, trace_cfg, traced: dict, accumulation: int, in_flight: int,
-               capacity: int | None) -> RankPlan:
+               capacity: int | None, resident: list = ()) -> RankPlan:
     peak, after = traced["peak"], traced["after_step"]
     params, grads, opt = _sum(after, PARAM_KINDS), _sum(after, GRAD_KINDS), _sum(after, OPT_KINDS)
     acts, comm = _sum(peak, ACT_KINDS), _sum(peak, COMM_KINDS) + traced.get("ddp_bucket_bytes", 0)
@@ -311,6 +315,9 @@ def _rank_plan(kind: str, cfg, trace_cfg, traced: dict, accumulation: int, in_fl
                     else "traced: gathered (unsharded) weights and reduce-scatter inputs live at the peak"))
     # A foreach AdamW step holds one temporary per local weight (sqrt of the second moment): analytic.
     step_peak = params + grads + opt + traced["local_param_bytes"]
+    for name, nbytes, how in resident:
+        rows.append(Row(name, nbytes, how))
+        fwbw_peak, step_peak = fwbw_peak + nbytes, step_peak + nbytes
     total = max(fwbw_peak, step_peak)
     rows.append(Row("total (peak)", total, "forward/backward peak with optimizer state"
                     + (" (the optimizer step is higher)" if step_peak > fwbw_peak else "")))
