@@ -16,6 +16,8 @@ tokens holds what the same tokens padded into rows do, less the padding).
 """
 from __future__ import annotations
 
+import torch
+
 from keel.errors import ConfigError, KeelError
 from keel.rl.plan import register_step_plan
 from keel.rl.scoring import SCORE_CHUNK, token_scores
@@ -36,15 +38,12 @@ class GRPOStepPlan:
         cfg.model.loss_chunk, cfg.data.seq_len = SCORE_CHUNK, cfg.rl.sampling.max_tokens
         self.prompt, self.response = cfg.rl.max_prompt_tokens, cfg.rl.sampling.max_tokens
         self.temperature, self.entropy = cfg.rl.sampling.temperature, cfg.rl.entropy_coef > 0
-        self.vocab = cfg.model.vocab_size
 
     @staticmethod
     def rows_per_step(rl) -> int:
         return rl.prompts_per_step * rl.group_size
 
     def fake_batch(self, rows: int, cp: int = 1) -> dict:
-        import torch
-
         return {"ids": torch.zeros(rows, self.prompt + self.response, dtype=torch.long)}
 
     def loss_sum(self, model, batch: dict):

@@ -42,5 +42,4 @@ def rl_step_plan(cfg, world: int):
     micro = min(per_rank, cfg.rl.micro_batch)
     accumulation = -(-per_rank // micro)
     cfg.train.micro_batch, cfg.train.global_batch, cfg.train.steps = micro, micro * accumulation * dims.dp, cfg.rl.steps
-    step = planner(cfg)
-    return cfg, step
+    return cfg, planner(cfg)
