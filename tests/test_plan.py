@@ -185,7 +185,8 @@ GRPO_TINY = str(REPO / "recipes/rl/grpo-tiny.yaml")
 def test_grpo_plan_lays_out_the_policys_sequences_scored_in_chunks(capsys, monkeypatch):
     """A GRPO step is planned as one micro-batch of the update (keel/rl/grpo_plan.py): the rows are
     sequences (8 prompts x 8 samples = 64, 32 per rank on 2, 2 per forward: 16 accumulated), the
-    shape is the policy's (SmolLM2-135M, read from rl.policy, not the recipe's model: section), and
+    shape is the policy's (SmolLM2-135M, read from rl.policy, not the recipe's model: section), the
+    native engine's copy and the reference (rl.kl_coef > 0) are counted beside it, and
     the response tokens go through the head in chunks as the trainer scores them: with the chunk
     made as long as the micro-batch's responses, the traced activations grow by at least the fp32
     logits of the tokens the chunk no longer holds back."""
@@ -193,7 +194,7 @@ def test_grpo_plan_lays_out_the_policys_sequences_scored_in_chunks(capsys, monke
     from keel.rl.plan import rl_step_plan
     from keel.rl.scoring import SCORE_CHUNK
 
-    long_responses = ["rl.max_prompt_tokens=16", "rl.sampling.max_tokens=2048", "rl.micro_batch=2"]
+    long_responses = ["rl.max_prompt_tokens=16", "rl.sampling.max_tokens=2048", "rl.micro_batch=2", "rl.kl_coef=0.01"]
     out = plan_table(capsys, GRPO_TINY, long_responses, 2)
     chunked = table_gib(out)
     assert "micro_batch 2 x (16 prompt + 2048 response tokens" in out and "16 micro-batches" in out
@@ -202,6 +203,7 @@ def test_grpo_plan_lays_out_the_policys_sequences_scored_in_chunks(capsys, monke
     assert chunked["parameters"] == pytest.approx(policy.num_params() * 4 / 2 / GIB, rel=0.03)
     # the native engine's whole bf16 copy on every rank, and its KV cache in the rollout note
     assert chunked["rollout engine weights"] == pytest.approx(policy.num_params() * 2 / GIB, abs=0.01)
+    assert chunked["reference weights"] == chunked["parameters"]  # rl.kl_coef > 0: sharded like the policy
     cfg = keel.load_recipe(GRPO_TINY)
     kv = cfg.rl.engine_batch * (16 + 2048) * policy.n_layers * 2 * policy.n_kv_heads * policy.head_dim * 2 / GIB
     assert f"rl.engine_batch={cfg.rl.engine_batch} sequences of 2064 tokens is {kv:.1f} GiB" in out

@@ -63,15 +63,16 @@ class GRPOStepPlan:
                                        ids[:, self.prompt:].reshape(-1), self.temperature, self.entropy, self.chunk)
         return picked.sum() + entropy.sum()
 
-    def resident_memory(self, cfg, dims) -> list:
+    def resident_memory(self, cfg, policy_share: int) -> list:
+        """Analytic rows beside the traced step; `policy_share`: this rank's traced bytes of the policy."""
         n_params, rows = cfg.model.num_params(), []
         if cfg.rl.engine == "native":
             width = 4 if cfg.rl.engine_dtype == "float32" else 2
             rows.append(("rollout engine weights", n_params * width,
                          f"analytic: the native engine's whole copy in {cfg.rl.engine_dtype}"))
         if cfg.rl.kl_coef > 0:
-            rows.append(("reference weights", n_params * 4 // max(dims.dp_shard * dims.tp, 1),
-                         "analytic: the frozen reference, sharded like the policy"))
+            rows.append(("reference weights", policy_share,
+                         "the frozen reference, sharded like the policy: its traced share again"))
         return rows
 
     def plan_notes(self, cfg, rank, capacity) -> list:

@@ -116,7 +116,7 @@ def plan_memory(cfg, world: int, gpu: str = "h100-80gb", recipe: str = "", task=
         traced["ddp_bucket_bytes"] = _sum(traced["after_step"], GRAD_KINDS)
     kind = "every rank" if dims.pp == 1 else f"pp stage (of {dims.pp}; {trace_cfg.model.n_layers} layers)"
     # What a task keeps beside the model all step long (an RL trainer's rollout engine, its reference)
-    resident = task.resident_memory(cfg, dims) if hasattr(task, "resident_memory") else []
+    resident = task.resident_memory(cfg, traced["local_param_bytes"]) if hasattr(task, "resident_memory") else []
     rank = _rank_plan(kind, cfg, trace_cfg, traced, accumulation, in_flight, capacity, resident)
     if hasattr(task, "plan_notes"):  # what a task knows of its other phases (an RL trainer's rollouts)
         notes.extend(task.plan_notes(cfg, rank, capacity))
